@@ -1,0 +1,477 @@
+"""Deployment specs (validated once at the edge), deployment records and the status machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+from agent.errors import ValidationFailed
+
+Status = Literal["queued", "building", "deploying", "succeeded", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = ("queued", "building", "deploying", "succeeded", "failed", "cancelled")
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+IN_PROGRESS_STATUSES: frozenset[str] = frozenset({"building", "deploying"})
+
+# The only legal moves; `failed` and `cancelled` are reachable from every non-final status.
+TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "queued": frozenset({"building", "deploying", "succeeded", "failed", "cancelled"}),
+    "building": frozenset({"deploying", "succeeded", "failed", "cancelled"}),
+    "deploying": frozenset({"succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+APPLICATION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 with milliseconds and a Z, the format of every stored timestamp."""
+    return format_time(dt.datetime.now(dt.timezone.utc))
+
+
+def format_time(moment: dt.datetime) -> str:
+    moment = moment.astimezone(dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    """Parses an RFC 3339 timestamp; raises ValueError when it is not one or has no offset."""
+    candidate = text.strip()
+    if candidate.endswith(("Z", "z")):
+        candidate = candidate[:-1] + "+00:00"
+    moment = dt.datetime.fromisoformat(candidate)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp has no timezone offset")
+    return moment
+
+
+def new_deployment_id() -> str:
+    """A time-ordered, unguessable id: `dep_` + 10 chars of milliseconds + 16 random chars."""
+    millis = int(time.time() * 1000)
+    stamp = "".join(_CROCKFORD[(millis >> shift) & 31] for shift in range(45, -1, -5))
+    return "dep_" + stamp + "".join(secrets.choice(_CROCKFORD) for _ in range(16))
+
+
+# --- specs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    type: Literal["path", "git"]
+    path: str | None = None
+    url: str | None = None
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    image: str
+    command: tuple[str, ...] | str
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    runtime: Literal["container", "process"] = "container"
+    image: str | None = None
+    command: tuple[str, ...] | str | None = None
+    port: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    host_port: int | None = None
+    bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class HealthCheckSpec:
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/"
+    port: int | None = None
+    interval_s: float = 1.0
+    timeout_s: float = 2.0
+    retries: int = 30
+    start_period_s: float = 0.0
+    stable_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What a client asked for, validated; the rest of the agent trusts it."""
+
+    application: str
+    server: str = "local"
+    source: SourceSpec | None = None
+    build: BuildSpec | None = None
+    run: RunSpec | None = None
+    health_check: HealthCheckSpec | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("build", "run"):
+            part = data.get(key)
+            if part and isinstance(part.get("command"), tuple):
+                part["command"] = list(part["command"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DeploymentSpec":
+        """Rebuilds a spec that was validated before (read back from the store)."""
+
+        def command(value: Any) -> tuple[str, ...] | str | None:
+            return tuple(value) if isinstance(value, list) else value
+
+        source = data.get("source")
+        build = data.get("build")
+        run = data.get("run")
+        health = data.get("health_check")
+        return cls(
+            application=data["application"],
+            server=data.get("server", "local"),
+            source=SourceSpec(**source) if source else None,
+            build=BuildSpec(**{**build, "command": command(build["command"])}) if build else None,
+            run=RunSpec(**{**run, "command": command(run.get("command"))}) if run else None,
+            health_check=HealthCheckSpec(**health) if health else None,
+            metadata=data.get("metadata") or {},
+        )
+
+
+# --- deployment record ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One deployment as the store holds it; `to_json` is the contract's object."""
+
+    id: str
+    application: str
+    server: str
+    status: Status
+    created_at: str
+    updated_at: str
+    log_path: str
+    spec: DeploymentSpec
+    started_at: str | None = None
+    finished_at: str | None = None
+    pid: int | None = None
+    pid_started_at: float | None = None
+    container_id: str | None = None
+    exit_code: int | None = None
+    url: str | None = None
+    smoke_test: Mapping[str, Any] | None = None
+    rollback_of: str | None = None
+    error: Mapping[str, str] | None = None
+    stage: str | None = None
+    seq: int = 0
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "application": self.application,
+            "server": self.server,
+            "status": self.status,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "updated_at": self.updated_at,
+            "pid": self.pid,
+            "container_id": self.container_id,
+            "log_path": self.log_path,
+            "exit_code": self.exit_code,
+            "url": self.url,
+            "smoke_test": self.smoke_test,
+            "rollback_of": self.rollback_of,
+            "error": self.error,
+            "metadata": dict(self.spec.metadata),
+            "stage": self.stage,
+            "spec": self.spec.to_dict(),
+        }
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+class _Problems:
+    """Collects every problem of a request so that one 422 names them all."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append({"field": path, "message": message})
+
+    def object(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.add(path, "must be an object")
+            return None
+        for key in sorted(set(value) - allowed):
+            self.add(f"{path}.{key}" if path else key, "unknown field")
+        return value
+
+    def string(self, value: Any, path: str, *, required: bool = True, max_length: int = 4096) -> str | None:
+        if value is None:
+            if required:
+                self.add(path, "is required")
+            return None
+        if not isinstance(value, str) or not value:
+            self.add(path, "must be a non-empty string")
+            return None
+        if len(value) > max_length:
+            self.add(path, f"must be at most {max_length} characters")
+            return None
+        return value
+
+    def number(self, value: Any, path: str, default: float, *, minimum: float, maximum: float) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.add(path, "must be a number")
+            return default
+        if not minimum <= value <= maximum:
+            self.add(path, f"must be between {minimum:g} and {maximum:g}")
+            return default
+        return float(value)
+
+    def integer(self, value: Any, path: str, *, minimum: int, maximum: int) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(path, "must be an integer")
+            return None
+        if not minimum <= value <= maximum:
+            self.add(path, f"must be between {minimum} and {maximum}")
+            return None
+        return value
+
+    def command(self, value: Any, path: str, *, required: bool) -> tuple[str, ...] | str | None:
+        if value is None:
+            if required:
+                self.add(path, "is required")
+            return None
+        if isinstance(value, str):
+            if not value.strip():
+                self.add(path, "must not be empty")
+                return None
+            return value
+        if isinstance(value, list) and value and all(isinstance(part, str) for part in value):
+            return tuple(value)
+        self.add(path, "must be a non-empty list of strings (exec form) or a string (run by /bin/sh -c)")
+        return None
+
+    def env(self, value: Any, path: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, "must be an object of string values")
+            return {}
+        clean: dict[str, str] = {}
+        for name, item in value.items():
+            if not ENV_NAME_PATTERN.match(name):
+                self.add(f"{path}.{name}", "is not a valid environment variable name")
+            elif not isinstance(item, str):
+                self.add(f"{path}.{name}", "must be a string")
+            else:
+                clean[name] = item
+        return clean
+
+
+def parse_deployment_request(
+    body: Any,
+    *,
+    servers: frozenset[str] = frozenset(),
+    default_build_timeout_s: float = 600.0,
+    supported: frozenset[str] = frozenset({"source", "build"}),
+) -> DeploymentSpec:
+    """Validates a deployment request body; raises ValidationFailed naming every bad field.
+
+    `supported` names the optional features this build of the agent can carry out; a
+    request that uses any other is refused with "not supported yet" rather than half-run.
+    """
+    problems = _Problems()
+    top = problems.object(
+        body, "", {"application", "server", "source", "build", "run", "health_check", "metadata"}
+    )
+    if top is None:
+        raise ValidationFailed(problems.items, "the request body must be a JSON object")
+
+    application = problems.string(top.get("application"), "application", max_length=63)
+    if application is not None and not APPLICATION_PATTERN.match(application):
+        problems.add("application", "must match ^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+    server = top.get("server", "local")
+    if not isinstance(server, str) or not server:
+        problems.add("server", "must be a non-empty string")
+        server = "local"
+    elif server != "local":
+        if server not in servers:
+            problems.add("server", f"unknown server {server!r}: not 'local' nor a [servers.*] name")
+        elif "remote" not in supported:
+            problems.add("server", "remote servers are not supported yet")
+
+    source = _parse_source(top.get("source"), problems)
+    build = _parse_build(top.get("build"), problems, default_build_timeout_s)
+    run = _parse_run(top.get("run"), problems)
+    health = _parse_health(top.get("health_check"), problems)
+    if health is not None and run is None and "run" not in top:
+        problems.add("health_check", "needs a run")
+    for feature in ("run", "health_check"):
+        if top.get(feature) is not None and feature not in supported:
+            problems.add(feature, "not supported yet")
+
+    metadata = top.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        problems.add("metadata", "must be an object")
+        metadata = {}
+
+    if problems.items:
+        raise ValidationFailed(problems.items)
+    assert application is not None
+    return DeploymentSpec(
+        application=application,
+        server=server,
+        source=source,
+        build=build,
+        run=run,
+        health_check=health,
+        metadata=metadata,
+    )
+
+
+def _parse_source(value: Any, problems: _Problems) -> SourceSpec | None:
+    if value is None:
+        return None
+    raw = problems.object(value, "source", {"type", "path", "url", "ref"})
+    if raw is None:
+        return None
+    kind = raw.get("type")
+    if kind == "path":
+        path = problems.string(raw.get("path"), "source.path")
+        if path is not None:
+            if not os.path.isabs(path):
+                problems.add("source.path", "must be an absolute path")
+            elif not os.path.isdir(path):
+                problems.add("source.path", f"{path} is not a directory on the agent's host")
+        for extra in ("url", "ref"):
+            if extra in raw:
+                problems.add(f"source.{extra}", "is only for git sources")
+        return SourceSpec(type="path", path=path)
+    if kind == "git":
+        url = problems.string(raw.get("url"), "source.url")
+        ref = problems.string(raw.get("ref"), "source.ref", required=False, max_length=255)
+        if ref is not None and (ref.startswith("-") or any(c.isspace() for c in ref)):
+            problems.add("source.ref", "must be a branch, tag or commit name")
+        if url is not None and url.startswith("-"):
+            problems.add("source.url", "must be a repository URL or path")
+        if "path" in raw:
+            problems.add("source.path", "is only for path sources")
+        return SourceSpec(type="git", url=url, ref=ref)
+    problems.add("source.type", "must be 'path' or 'git'")
+    return None
+
+
+def _parse_build(value: Any, problems: _Problems, default_timeout_s: float) -> BuildSpec | None:
+    if value is None:
+        return None
+    raw = problems.object(value, "build", {"image", "command", "env", "timeout_s"})
+    if raw is None:
+        return None
+    image = problems.string(raw.get("image"), "build.image", max_length=512)
+    command = problems.command(raw.get("command"), "build.command", required=True)
+    env = problems.env(raw.get("env"), "build.env")
+    timeout = problems.number(raw.get("timeout_s"), "build.timeout_s", default_timeout_s, minimum=0.1, maximum=86400)
+    if image is None or command is None:
+        return None
+    return BuildSpec(image=image, command=command, env=env, timeout_s=timeout)
+
+
+def _parse_run(value: Any, problems: _Problems) -> RunSpec | None:
+    if value is None:
+        return None
+    raw = problems.object(value, "run", {"runtime", "image", "command", "port", "env", "host_port", "bind"})
+    if raw is None:
+        return None
+    runtime = raw.get("runtime", "container")
+    if runtime not in ("container", "process"):
+        problems.add("run.runtime", "must be 'container' or 'process'")
+        runtime = "container"
+    image = problems.string(raw.get("image"), "run.image", required=False, max_length=512)
+    command = problems.command(raw.get("command"), "run.command", required=runtime == "process")
+    port = problems.integer(raw.get("port"), "run.port", minimum=1, maximum=65535)
+    host_port = problems.integer(raw.get("host_port"), "run.host_port", minimum=1, maximum=65535)
+    bind = problems.string(raw.get("bind"), "run.bind", required=False, max_length=64) or "127.0.0.1"
+    env = problems.env(raw.get("env"), "run.env")
+    return RunSpec(
+        runtime=runtime, image=image, command=command, port=port, env=env, host_port=host_port, bind=bind
+    )
+
+
+def _parse_health(value: Any, problems: _Problems) -> HealthCheckSpec | None:
+    if value is None:
+        return None
+    raw = problems.object(
+        value,
+        "health_check",
+        {"type", "path", "port", "interval_s", "timeout_s", "retries", "start_period_s", "stable_s"},
+    )
+    if raw is None:
+        return None
+    kind = raw.get("type", "http")
+    if kind not in ("http", "tcp"):
+        problems.add("health_check.type", "must be 'http' or 'tcp'")
+        kind = "http"
+    path = problems.string(raw.get("path"), "health_check.path", required=False, max_length=2048) or "/"
+    if not path.startswith("/"):
+        problems.add("health_check.path", "must start with /")
+    retries = problems.integer(raw.get("retries"), "health_check.retries", minimum=1, maximum=10000)
+    return HealthCheckSpec(
+        type=kind,
+        path=path,
+        port=problems.integer(raw.get("port"), "health_check.port", minimum=1, maximum=65535),
+        interval_s=problems.number(raw.get("interval_s"), "health_check.interval_s", 1.0, minimum=0.05, maximum=3600),
+        timeout_s=problems.number(raw.get("timeout_s"), "health_check.timeout_s", 2.0, minimum=0.05, maximum=3600),
+        retries=retries if retries is not None else 30,
+        start_period_s=problems.number(
+            raw.get("start_period_s"), "health_check.start_period_s", 0.0, minimum=0, maximum=3600
+        ),
+        stable_s=problems.number(raw.get("stable_s"), "health_check.stable_s", 5.0, minimum=0, maximum=3600),
+    )
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentFilter:
+    """A page request of `GET /v1/deployments`; newest first, `after_seq` from the cursor."""
+
+    application: str | None = None
+    server: str | None = None
+    status: str | None = None
+    updated_since: str | None = None  # normalised with format_time, so it compares as text
+    limit: int = 50
+    after_seq: int | None = None
+
+
+def encode_cursor(seq: int) -> str:
+    return f"c{seq:x}"
+
+
+def decode_cursor(text: str) -> int:
+    """Raises ValueError for anything that is not a cursor this agent handed out."""
+    if not text.startswith("c") or len(text) > 20:
+        raise ValueError("not a cursor")
+    return int(text[1:], 16)

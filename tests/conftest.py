@@ -1,0 +1,42 @@
+"""Shared fixtures: a real Docker engine and the local busybox base image.
+
+Docker is never mocked and never skipped: when the engine is unreachable the
+tests that need it fail and say how to fix it (scripts/setup-machine.sh).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import docker
+import pytest
+
+BASE_IMAGE = os.environ.get("DEPLOY_AGENT_BASE_IMAGE", "local/busybox")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A docker SDK client for assertions on containers and images."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+        pytest.fail(f"Docker engine unreachable ({exc}); run scripts/setup-machine.sh", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: docker.DockerClient) -> str:
+    """The busybox image built by scripts/setup-machine.sh (no registry can be reached)."""
+    try:
+        docker_client.images.get(BASE_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {BASE_IMAGE} missing; run scripts/setup-machine.sh", pytrace=False)
+    return BASE_IMAGE
+
+
+def containers_of(client: docker.DockerClient, deployment_id: str) -> list:
+    """Every container, running or not, labelled with this deployment."""
+    return client.containers.list(all=True, filters={"label": f"deploy-agent.deployment={deployment_id}"})
