@@ -18,6 +18,7 @@ install_packages() {
   [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || missing+=(busybox-static)
   command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v git >/dev/null 2>&1 || missing+=(git)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"

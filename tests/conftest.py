@@ -40,3 +40,13 @@ def base_image(docker_client: docker.DockerClient) -> str:
 def containers_of(client: docker.DockerClient, deployment_id: str) -> list:
     """Every container, running or not, labelled with this deployment."""
     return client.containers.list(all=True, filters={"label": f"deploy-agent.deployment={deployment_id}"})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped test is a failure: Docker and sshd tests must really run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if os.environ.get("CI") and skipped and exitstatus == 0:
+        session.exitstatus = 1
+        if reporter:
+            reporter.write_line(f"CI: {skipped} test(s) skipped; a skip in CI is a failure", red=True)

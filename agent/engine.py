@@ -1,0 +1,376 @@
+"""The engine: the durable queue, its workers, and what happens to each deployment.
+
+Scheduling is event-driven: a submit, a finished deployment or a kill wakes the
+scheduler, which starts the oldest queued deployment of every application that
+is not already running, up to `max_concurrent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import structlog
+
+from agent.config import Config
+from agent.errors import AgentError, Conflict, NotFound, RuntimeFailure, Unavailable
+from agent.logs import DeploymentLog
+from agent.metrics import Metrics
+from agent.models import (
+    FINAL_STATUSES,
+    Deployment,
+    DeploymentFilter,
+    DeploymentSpec,
+    encode_cursor,
+    new_deployment_id,
+    utc_now,
+)
+from agent.runtimes.container import BuildJob, ContainerRuntime
+from agent.store import Store
+from agent.workspace import prepare_workspace, remove_workspace
+
+logger = structlog.get_logger("agent.engine")
+
+
+@dataclass
+class RunningDeployment:
+    """A deployment a worker is carrying out right now."""
+
+    deployment_id: str
+    application: str
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # "kill" or "shutdown" once someone asked it to stop
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Engine:
+    """Accepts deployments, schedules them, runs them, and stops them on request."""
+
+    def __init__(self, config: Config, store: Store, runtime: ContainerRuntime, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.runtime = runtime
+        self.metrics = metrics or Metrics()
+        self.accepting = False
+        self._running: dict[str, RunningDeployment] = {}
+        self._wakeup = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reconciles what a previous run left behind, then starts scheduling."""
+        self.config.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.config.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        await self.reconcile()
+        self.accepting = True
+        self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
+        self._wakeup.set()
+
+    async def reconcile(self) -> None:
+        """Ends deployments a previous run left in progress and removes their containers."""
+        interrupted = await self.store.with_status("building", "deploying")
+        for deployment in interrupted:
+            with structlog.contextvars.bound_contextvars(deployment_id=deployment.id):
+                removed = await self.runtime.stop_deployment(deployment.id, grace_s=0)
+                message = (
+                    f"the agent stopped while this deployment was {deployment.status}; "
+                    f"its work was stopped after the restart ({removed} container(s) removed)"
+                )
+                with DeploymentLog(Path(deployment.log_path)) as log:
+                    log.agent("recovery", message)
+                await self._set_status(
+                    deployment.id, "failed", error={"type": "agent_restarted", "message": message}
+                )
+                await remove_workspace(self._workspace_of(deployment.id))
+        # Build containers with no live deployment behind them (e.g. crash between create and record).
+        orphans = await self.runtime.remove_build_containers(keep=lambda _deployment_id: False)
+        logger.info("reconciled", interrupted=len(interrupted), orphan_containers=len(orphans))
+
+    async def shutdown(self, grace_s: float) -> dict[str, int]:
+        """Stops intake, lets running deployments finish within `grace_s`, stops the rest."""
+        self.accepting = False
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        running = list(self._running.values())
+        drained = 0
+        if running:
+            logger.info("draining", running=len(running), grace_s=grace_s)
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(r.done.wait()) for r in running], timeout=grace_s
+            )
+            for waiter in pending:
+                waiter.cancel()
+            drained = len(done)
+            leftovers = [r for r in running if not r.done.is_set()]
+            await asyncio.gather(*(self._stop_running(r, "shutdown") for r in leftovers))
+        stopped = len(running) - drained
+        counts = {"drained": drained, "stopped": stopped}
+        logger.info("engine stopped", **counts)
+        return counts
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def submit(
+        self, spec: DeploymentSpec, *, idempotency_key: str | None = None, request_hash: str = ""
+    ) -> tuple[Deployment, bool]:
+        """Records a deployment durably and wakes the scheduler; returns (deployment, created)."""
+        if not self.accepting:
+            raise Unavailable("the agent is shutting down and accepts no new deployments")
+        deployment_id = new_deployment_id()
+        now = utc_now()
+        record = Deployment(
+            id=deployment_id,
+            application=spec.application,
+            server=spec.server,
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            log_path=str((self.config.logs_dir / f"{deployment_id}.log").resolve()),
+            spec=spec,
+        )
+        deployment, created = await self.store.insert(
+            record,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            max_queued=self.config.agent.max_queued,
+        )
+        if created:
+            logger.info("deployment queued", deployment_id=deployment.id, application=deployment.application)
+            self._wakeup.set()
+        return deployment, created
+
+    async def get(self, deployment_id: str) -> Deployment:
+        return await self.store.get(deployment_id)
+
+    async def list(self, query: DeploymentFilter) -> tuple[list[Deployment], str | None]:
+        page, next_seq = await self.store.list(query)
+        return page, encode_cursor(next_seq) if next_seq is not None else None
+
+    async def kill(self, deployment_id: str) -> Deployment:
+        """Cancels a queued deployment, or stops a running one's containers and ends it `cancelled`."""
+        deployment = await self.store.get(deployment_id)
+        if deployment.is_final:
+            raise Conflict(f"deployment {deployment_id} is already {deployment.status}", code="already_final")
+        running = self._running.get(deployment_id)
+        if running is None and deployment.status == "queued":
+            try:
+                return await self._set_status(
+                    deployment_id, "cancelled", error={"type": "cancelled", "message": "killed before it started"}
+                )
+            except Conflict:
+                # The scheduler started it in the meantime: stop it like a running one.
+                running = self._running.get(deployment_id)
+        if running is not None:
+            await self._stop_running(running, "kill")
+        return await self.store.get(deployment_id)
+
+    async def delete(self, deployment_id: str) -> None:
+        """Removes a deployment's record, log file and workspace (not a running application)."""
+        if deployment_id in self._running:
+            raise Conflict(f"deployment {deployment_id} is in progress; kill it before deleting it", code="in_progress")
+        deployment = await self.store.delete(deployment_id)
+        await asyncio.to_thread(_unlink, Path(deployment.log_path))
+        await remove_workspace(self._workspace_of(deployment_id))
+        logger.info("deployment deleted", deployment_id=deployment_id)
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            version = await asyncio.wait_for(self.runtime.ping(), timeout=3)
+        except (AgentError, asyncio.TimeoutError) as exc:
+            return False, {"reason": f"Docker engine unreachable: {getattr(exc, 'message', None) or 'timed out'}"}
+        return True, {"docker": version, "running": len(self._running)}
+
+    async def status_counts(self) -> dict[str, int]:
+        return await self.store.status_counts()
+
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def servers(self) -> frozenset[str]:
+        return frozenset(self.config.servers)
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                await self._schedule_once()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one bad pass
+                logger.exception("scheduling pass failed")
+                await asyncio.sleep(1)
+                self._wakeup.set()
+
+    async def _schedule_once(self) -> None:
+        capacity = self.config.agent.max_concurrent - len(self._running)
+        if capacity <= 0:
+            return
+        # An application whose oldest deployment is running or waiting blocks its later ones.
+        blocked = {running.application for running in self._running.values()}
+        for deployment in await self.store.with_status("queued"):
+            if capacity <= 0:
+                break
+            if deployment.application in blocked or deployment.id in self._running:
+                blocked.add(deployment.application)
+                continue
+            blocked.add(deployment.application)
+            running = RunningDeployment(deployment.id, deployment.application)
+            self._running[deployment.id] = running
+            running.task = asyncio.create_task(self._run(deployment, running), name=f"deployment-{deployment.id}")
+            capacity -= 1
+
+    # --- carrying out one deployment -------------------------------------------------------
+
+    async def _run(self, deployment: Deployment, running: RunningDeployment) -> None:
+        with structlog.contextvars.bound_contextvars(deployment_id=deployment.id, application=deployment.application):
+            try:
+                await self._carry_out(deployment, running)
+            finally:
+                self._running.pop(deployment.id, None)
+                running.done.set()
+                self._wakeup.set()
+
+    async def _carry_out(self, deployment: Deployment, running: RunningDeployment) -> None:
+        spec = deployment.spec
+        first = "building" if spec.build else ("deploying" if spec.run else "succeeded")
+        try:
+            await self._set_status(deployment.id, first, stage="source" if spec.build else None)
+        except (Conflict, NotFound):
+            # Killed or deleted between the scheduler's read and now: nothing to run.
+            return
+        if first == "succeeded":
+            return
+        log = DeploymentLog(Path(deployment.log_path))
+        started = time.monotonic()
+        outcome: str = "failed"
+        try:
+            log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
+            fields = await self._build(deployment, running, log)
+            outcome = "succeeded"
+            log.agent("done", "deployment succeeded")
+            await self._set_status(deployment.id, "succeeded", **fields)
+        except asyncio.CancelledError:
+            outcome = await self._end_stopped(deployment, running, log)
+        except _Stopped:
+            outcome = await self._end_stopped(deployment, running, log)
+        except _BuildFailed as failure:
+            log.agent("done", f"deployment failed: {failure.message}")
+            await self._set_status(
+                deployment.id, "failed", exit_code=failure.exit_code,
+                error={"type": failure.error_type, "message": failure.message},
+            )
+        except AgentError as exc:
+            log.agent("done", f"deployment failed: {exc.message}")
+            await self._set_status(deployment.id, "failed", error={"type": exc.error_type, "message": exc.message})
+        except Exception as exc:  # noqa: BLE001 - any surprise still ends the deployment, never leaves it hanging
+            logger.exception("deployment crashed")
+            log.agent("done", f"deployment failed: internal error: {exc}")
+            await self._set_status(
+                deployment.id, "failed", error={"type": "internal_error", "message": f"internal error: {exc}"}
+            )
+        finally:
+            log.close()
+            if spec.build is not None:
+                self.metrics.observe_build(time.monotonic() - started, outcome)
+            await remove_workspace(self._workspace_of(deployment.id))
+
+    async def _build(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> dict[str, Any]:
+        spec = deployment.spec
+        assert spec.build is not None
+        workspace = self._workspace_of(deployment.id)
+        await prepare_workspace(spec.source, workspace, log)
+        self._raise_if_stopped(running)
+        await self.store.update(deployment.id, stage="build")
+
+        async def on_start(container_id: str, pid: int) -> None:
+            await self.store.update(deployment.id, container_id=container_id, pid=pid or None)
+            logger.info("build container started", container_id=container_id[:12], pid=pid)
+            if running.stop_reason is not None:
+                # Killed while the container was being created: stop it now.
+                await self.runtime.stop_deployment(deployment.id, self.config.agent.kill_grace_s)
+
+        job = BuildJob(
+            deployment_id=deployment.id,
+            application=deployment.application,
+            image=spec.build.image,
+            command=spec.build.command,
+            env=spec.build.env,
+            timeout_s=spec.build.timeout_s,
+            workspace=workspace,
+            commit_image=f"deploy-agent/{deployment.application}:{deployment.id}" if spec.run else None,
+        )
+        result = await self.runtime.run_build(job, log, on_start)
+        self._raise_if_stopped(running)
+        if result.timed_out:
+            raise _BuildFailed("timeout", f"build timed out after {spec.build.timeout_s:g}s and was killed", result.exit_code)
+        if result.exit_code != 0:
+            raise _BuildFailed("build_failed", f"build command exited with code {result.exit_code}", result.exit_code)
+        return {"exit_code": result.exit_code, "pid": None, "stage": None}
+
+    async def _end_stopped(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> str:
+        if running.stop_reason == "kill":
+            log.agent("done", "deployment cancelled: killed on request")
+            await self._set_status(
+                deployment.id, "cancelled", error={"type": "cancelled", "message": "killed on request"}
+            )
+            return "cancelled"
+        message = "the agent shut down before this deployment finished"
+        log.agent("done", f"deployment failed: {message}")
+        await self._set_status(deployment.id, "failed", error={"type": "agent_shutdown", "message": message})
+        return "failed"
+
+    async def _stop_running(self, running: RunningDeployment, reason: str) -> None:
+        """Stops a running deployment's containers (SIGTERM, grace, SIGKILL) and waits for its worker."""
+        if running.stop_reason is None:
+            running.stop_reason = reason
+        grace = self.config.agent.kill_grace_s
+        logger.info("stopping deployment", deployment_id=running.deployment_id, reason=reason)
+        await self.runtime.stop_deployment(running.deployment_id, grace)
+        if running.task is not None and not running.done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(running.done.wait()), timeout=2)
+            if not running.done.is_set():
+                # Still busy outside a container (copying, cloning): cancel the work itself.
+                running.task.cancel()
+                await running.done.wait()
+
+    def _raise_if_stopped(self, running: RunningDeployment) -> None:
+        if running.stop_reason is not None:
+            raise _Stopped()
+
+    async def _set_status(self, deployment_id: str, status: str, **fields: Any) -> Deployment:
+        """Every status change of the engine passes here: store, metrics, daemon log."""
+        deployment = await self.store.transition(deployment_id, status, **fields)
+        if status in FINAL_STATUSES:
+            self.metrics.count_finished(status)
+        logger.info("status changed", deployment_id=deployment_id, status=status, error=fields.get("error"))
+        return deployment
+
+    def _workspace_of(self, deployment_id: str) -> Path:
+        return self.config.workspaces_dir / deployment_id
+
+
+class _Stopped(Exception):
+    """Control flow: the deployment was asked to stop (kill or shutdown)."""
+
+
+class _BuildFailed(Exception):
+    def __init__(self, error_type: str, message: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.exit_code = exit_code
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

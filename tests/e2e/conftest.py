@@ -1,0 +1,172 @@
+"""The real daemon as a subprocess, configured on a free port with its own state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import docker
+import pytest
+import requests
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+READ_TOKEN = "read-token-0123456789abcdef"
+WRITE_TOKEN = "write-token-0123456789abcdef"
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AgentProcess:
+    """One deploy-agent daemon started with `deploy-agent run --config`."""
+
+    def __init__(self, state_dir: Path, **agent_settings: Any) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = state_dir.parent / f"{state_dir.name}.toml"
+        self.output_path = state_dir.parent / f"{state_dir.name}.out"
+        self.process: subprocess.Popen[bytes] | None = None
+        settings = {"kill_grace_s": 2, "shutdown_grace_s": 5, "max_concurrent": 4, **agent_settings}
+        lines = ["[agent]", f'listen = "127.0.0.1:{self.port}"', f'state_dir = "{state_dir}"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+        lines += ["", "[docker]", 'build_memory = "256m"', "build_cpus = 1.0", "build_pids = 256", ""]
+        for name, token, scopes in (
+            ("admin", ADMIN_TOKEN, ["admin"]),
+            ("reader", READ_TOKEN, ["deployments:read"]),
+            ("writer", WRITE_TOKEN, ["deployments:write"]),
+        ):
+            lines += ["[[auth.tokens]]", f'name = "{name}"', f'token = "{token}"', f"scopes = {json.dumps(scopes)}", ""]
+        self.config_path.write_text("\n".join(lines))
+
+    def start(self, timeout: float = 30) -> "AgentProcess":
+        output = open(self.output_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        output.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"agent did not become healthy:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace") if self.output_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def request(self, method: str, path: str, *, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 30)
+        return requests.request(method, f"{self.url}{path}", headers=headers, **kwargs)
+
+    def submit(self, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        response = self.request("POST", "/v1/deployments", json=body, **kwargs)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def get(self, deployment_id: str) -> dict[str, Any]:
+        response = self.request("GET", f"/v1/deployments/{deployment_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_for(
+        self, deployment_id: str, until: Callable[[dict[str, Any]], bool] = lambda d: d["status"] in FINAL,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            deployment = self.get(deployment_id)
+            if until(deployment):
+                return deployment
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting on {deployment_id}: {deployment}")
+            time.sleep(0.05)
+
+    def log(self, deployment_id: str) -> str:
+        response = self.request("GET", f"/v1/deployments/{deployment_id}/logs")
+        assert response.status_code == 200, response.text
+        return response.text
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, docker_client: docker.DockerClient, base_image: str) -> Iterator[Callable[..., AgentProcess]]:
+    """Starts daemons on demand; stops them and removes their containers afterwards."""
+    started: list[AgentProcess] = []
+
+    def make(name: str = "state", start: bool = True, **settings: Any) -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, **settings)
+        started.append(agent)
+        return agent.start() if start else agent
+
+    yield make
+    for agent in started:
+        if agent.process is not None:
+            agent.stop(signal.SIGKILL if os.environ.get("FAST_TEARDOWN") else signal.SIGTERM)
+    _remove_test_containers(docker_client, started)
+
+
+def _remove_test_containers(client: docker.DockerClient, agents: list[AgentProcess]) -> None:
+    ids: set[str] = set()
+    for agent in agents:
+        logs_dir = agent.state_dir / "logs"
+        if logs_dir.exists():
+            ids.update(path.stem for path in logs_dir.glob("dep_*.log"))
+    for container in client.containers.list(all=True, filters={"label": "deploy-agent.deployment"}):
+        if container.labels.get("deploy-agent.deployment") in ids:
+            container.remove(force=True)
+
+
+@pytest.fixture
+def agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
+    """A running daemon with admin, read-only and write-only tokens."""
+    return agent_factory()
+
+
+@pytest.fixture
+def source_dir(tmp_path: Path) -> Path:
+    """A small application source tree to deploy."""
+    source = tmp_path / "src"
+    (source / "static").mkdir(parents=True)
+    (source / "index.html").write_text("<h1>hello from source</h1>\n")
+    (source / "static" / "app.txt").write_text("static file\n")
+    return source
+
+
+def build_request(application: str = "web", command: Any = "echo building; echo done", **build: Any) -> dict[str, Any]:
+    """A one-off build job request on the local busybox image."""
+    return {
+        "application": application,
+        "build": {"image": "local/busybox", "command": command, **build},
+    }

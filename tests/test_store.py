@@ -1,0 +1,114 @@
+"""The SQLite store: durability, the one transition function, listing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.errors import Conflict, NotFound, QueueFull
+from agent.models import Deployment, DeploymentFilter, DeploymentSpec, new_deployment_id, utc_now
+from agent.store import Store
+
+
+def make(application: str = "web") -> Deployment:
+    now = utc_now()
+    deployment_id = new_deployment_id()
+    return Deployment(
+        id=deployment_id, application=application, server="local", status="queued",
+        created_at=now, updated_at=now, log_path=f"/tmp/{deployment_id}.log",
+        spec=DeploymentSpec(application=application),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    store = Store(tmp_path / "agent.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_insert_is_on_disk_before_it_returns(store: Store, tmp_path: Path) -> None:
+    """An inserted deployment is readable by another connection at once (committed, WAL)."""
+    deployment, created = await store.insert(make())
+    assert created
+    other = sqlite3.connect(tmp_path / "agent.db")
+    assert other.execute("SELECT status FROM deployments WHERE id = ?", (deployment.id,)).fetchone() == ("queued",)
+    other.close()
+    journal = sqlite3.connect(tmp_path / "agent.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert journal == "wal"
+
+
+async def test_transition_checks_legality_and_stamps_times(store: Store) -> None:
+    """Legal moves stamp started_at/finished_at/updated_at; illegal ones raise Conflict."""
+    deployment, _ = await store.insert(make())
+    building = await store.transition(deployment.id, "building")
+    assert building.started_at is not None and building.updated_at >= deployment.updated_at
+    done = await store.transition(deployment.id, "succeeded", exit_code=0)
+    assert done.finished_at is not None and done.exit_code == 0
+    with pytest.raises(Conflict):
+        await store.transition(deployment.id, "building")
+    with pytest.raises(Conflict):
+        await store.transition(deployment.id, "failed")
+    with pytest.raises(NotFound):
+        await store.transition("dep_nope", "failed")
+
+
+async def test_update_refuses_status(store: Store) -> None:
+    """Status never changes outside transition()."""
+    deployment, _ = await store.insert(make())
+    with pytest.raises(ValueError):
+        await store.update(deployment.id, status="failed")
+    updated = await store.update(deployment.id, pid=42, error={"type": "x", "message": "y"})
+    assert updated.pid == 42 and updated.error == {"type": "x", "message": "y"}
+
+
+async def test_idempotency_and_queue_limit(store: Store) -> None:
+    """A repeated key returns the first deployment; another body conflicts; a full queue is refused."""
+    first, created = await store.insert(make(), idempotency_key="k", request_hash="h1")
+    again, created_again = await store.insert(make(), idempotency_key="k", request_hash="h1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(Conflict):
+        await store.insert(make(), idempotency_key="k", request_hash="h2")
+    with pytest.raises(QueueFull):
+        await store.insert(make(), max_queued=1)
+
+
+async def test_list_pages_newest_first_with_filters(store: Store) -> None:
+    """Pages follow each other without gaps; filters narrow by application and status."""
+    ids = [(await store.insert(make("a" if i % 2 else "b")))[0].id for i in range(5)]
+    page, next_seq = await store.list(DeploymentFilter(limit=2))
+    assert [d.id for d in page] == ids[::-1][:2] and next_seq is not None
+    rest, end = await store.list(DeploymentFilter(limit=10, after_seq=next_seq))
+    assert [d.id for d in rest] == ids[::-1][2:] and end is None
+    only_a, _ = await store.list(DeploymentFilter(application="a"))
+    assert {d.id for d in only_a} == {ids[1], ids[3]}
+    await store.transition(ids[0], "failed")
+    failed, _ = await store.list(DeploymentFilter(status="failed"))
+    assert [d.id for d in failed] == [ids[0]]
+
+
+async def test_delete_refuses_in_progress(store: Store) -> None:
+    """A building deployment cannot be deleted; a final one can."""
+    deployment, _ = await store.insert(make())
+    await store.transition(deployment.id, "building")
+    with pytest.raises(Conflict):
+        await store.delete(deployment.id)
+    await store.transition(deployment.id, "cancelled")
+    await store.delete(deployment.id)
+    with pytest.raises(NotFound):
+        await store.get(deployment.id)
+
+
+async def test_sqlite_runs_off_the_event_loop(store: Store) -> None:
+    """Store calls run on the store's own thread, never the event loop's."""
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    await store._call(lambda: seen.append(threading.get_ident()))
+    assert seen and seen[0] != loop_thread
+    results = await asyncio.gather(*(store.insert(make()) for _ in range(20)))
+    assert len({d.id for d, _ in results}) == 20
