@@ -15,6 +15,9 @@ SCOPES: frozenset[str] = frozenset({"deployments:read", "deployments:write", "ad
 DEFAULT_LISTEN = "127.0.0.1:8420"
 DEFAULT_STATE_DIR = "./.deploy-agent"
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_LISTEN_PATTERN = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$"
+)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -27,7 +30,10 @@ class Listen:
     unix_path: str | None = None
 
     def __str__(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -122,13 +128,13 @@ def parse_listen(value: str) -> Listen:
         if not path.startswith("/"):
             raise ValueError("a unix socket path must be absolute, as in unix:/run/deploy-agent/api.sock")
         return Listen(unix_path=path)
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError("must be host:port or unix:/path")
-    port = int(port_text)
+    match = _LISTEN_PATTERN.match(value)
+    if not match:
+        raise ValueError("must be host:port or unix:/path ([ipv6]:port for IPv6)")
+    port = int(match.group("port"))
     if not 0 <= port <= 65535:
         raise ValueError("port must be between 0 and 65535")
-    return Listen(host=host.strip("[]"), port=port)
+    return Listen(host=match.group("v6") or match.group("host"), port=port)
 
 
 def parse_size(value: Any) -> int:
@@ -282,8 +288,9 @@ def _read_tokens(reader: _Reader, auth: Mapping[str, Any]) -> tuple[TokenConfig,
             continue
         reader.unknown(entry, f"{key}.", {"name", "token", "token_sha256", "scopes"})
         name = reader.typed(entry, "name", f"{key}.name", (str,), None)
-        if not name:
+        if not entry.get("name"):
             reader.problem(f"{key}.name", "is required")
+        if not name:
             name = f"token-{index}"
         elif name in names:
             reader.problem(f"{key}.name", f"duplicate token name {name!r}")
@@ -300,7 +307,7 @@ def _read_tokens(reader: _Reader, auth: Mapping[str, Any]) -> tuple[TokenConfig,
             reader.problem(f"{key}.token_sha256", "must be 64 hex digits (a SHA-256 digest)")
         scopes = reader.typed(entry, "scopes", f"{key}.scopes", (list,), [])
         for scope in scopes:
-            if scope not in SCOPES:
+            if not isinstance(scope, str) or scope not in SCOPES:
                 reader.problem(f"{key}.scopes", f"unknown scope {scope!r}; known: {', '.join(sorted(SCOPES))}")
         if not scopes:
             reader.problem(f"{key}.scopes", "must list at least one scope")

@@ -1,0 +1,568 @@
+"""The command line and its HTTP client, against a small fake agent (the real daemon is in e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from aiohttp import web
+
+import agent
+from agent import cli
+from agent.cli import main
+from agent.client import AgentClient, ClientError
+from agent.config import Config
+
+TOKEN = "secret-token-for-tests"
+
+
+def envelope(status: int, error_type: str, message: str, details: Any = None) -> web.Response:
+    body = {"success": False, "status": status, "error": {"type": error_type, "message": message, "code": None, "details": details}}
+    return web.json_response(body, status=status)
+
+
+def deployment(deployment_id: str, status: str = "queued", **fields: Any) -> dict[str, Any]:
+    record = {
+        "id": deployment_id,
+        "application": "web",
+        "server": "local",
+        "status": status,
+        "created_at": "2026-11-22T12:00:00.000Z",
+        "updated_at": "2026-11-22T12:00:01.000Z",
+        "error": None,
+        "metadata": {},
+    }
+    record.update(fields)
+    return record
+
+
+class FakeAgent:
+    """Just enough of the HTTP contract to drive the CLI; records what it was sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        # Statuses GET /v1/deployments/{id} walks through, one per request; the last one sticks.
+        self.statuses: dict[str, list[str]] = {}
+        self.errors: dict[str, dict[str, Any]] = {}
+        self.log_chunks: list[bytes] = [b"step 1\n", b"step 2\n", b"done\n"]
+        self.chunk_delay_s = 0.0
+        self.release_second_chunk: threading.Event | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.record_and_authenticate])
+        app.router.add_get("/healthz", self.health)
+        app.router.add_get("/v1/deployments", self.list)
+        app.router.add_post("/v1/deployments", self.submit)
+        app.router.add_get("/v1/deployments/{id}", self.get)
+        app.router.add_delete("/v1/deployments/{id}", self.delete)
+        app.router.add_post("/v1/deployments/{id}/kill", self.kill)
+        app.router.add_post("/v1/deployments/{id}/rollback", self.rollback)
+        app.router.add_get("/v1/deployments/{id}/logs", self.logs)
+        return app
+
+    @web.middleware
+    async def record_and_authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "json": json.loads(body) if body else None,
+            }
+        )
+        if request.path != "/healthz" and request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return envelope(401, "unauthorized", "missing or unknown token")
+        deployment_id = request.match_info.get("id")
+        if deployment_id == "dep_proxy":
+            return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+        if deployment_id == "dep_missing":
+            return envelope(404, "not_found", "deployment dep_missing not found")
+        return await handler(request)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": "test"})
+
+    async def list(self, request: web.Request) -> web.Response:
+        items = [
+            deployment("dep_02", "building", application="api", updated_at="2026-11-22T12:05:00.000Z"),
+            deployment("dep_01", "succeeded", server="edge-1"),
+        ]
+        return web.json_response({"data": items, "next_cursor": None})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("application") == "BAD":
+            details = [{"field": "application", "message": "must match ^[a-z0-9]..."}, {"field": "build.image", "message": "is required"}]
+            return envelope(422, "validation_failed", "application: must match; build.image: is required", details)
+        self.statuses.setdefault("dep_new", ["queued"])
+        return web.json_response(deployment("dep_new", "queued", application=body["application"]), status=201)
+
+    async def get(self, request: web.Request) -> web.Response:
+        deployment_id = request.match_info["id"]
+        statuses = self.statuses.get(deployment_id, ["succeeded"])
+        status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        return web.json_response(deployment(deployment_id, status, error=self.errors.get(deployment_id)))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def kill(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] == "dep_final":
+            return envelope(409, "conflict", "deployment dep_final is already succeeded")
+        return web.json_response(deployment(request.match_info["id"], "building"), status=202)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        return web.json_response(deployment("dep_rb", "queued", rollback_of=request.match_info["id"]), status=201)
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("follow") != "true":
+            text = b"".join(self.log_chunks)
+            if "tail" in request.query:
+                text = b"".join(text.splitlines(keepends=True)[-int(request.query["tail"]):])
+            return web.Response(body=text, content_type="text/plain")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        for index, chunk in enumerate(self.log_chunks):
+            if index == 1 and self.release_second_chunk is not None:
+                deadline = time.monotonic() + 5
+                while not self.release_second_chunk.is_set():
+                    if time.monotonic() > deadline:
+                        chunk = b"never released: the client waited for the whole response\n"
+                        break
+                    await asyncio.sleep(0.01)
+            elif index and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+@contextmanager
+def serve_app(app: web.Application, unix_path: str | None = None) -> Iterator[str]:
+    """Runs an aiohttp app on its own loop in a thread; yields its URL and always stops it."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site: web.BaseSite = web.UnixSite(runner, unix_path) if unix_path else web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    url = f"unix:{unix_path}" if unix_path else "http://127.0.0.1:{}".format(runner.addresses[0][1])
+    thread = threading.Thread(target=loop.run_forever, name="fake-agent", daemon=True)
+    thread.start()
+    try:
+        yield url
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@pytest.fixture
+def fake_agent() -> FakeAgent:
+    """The fake agent's state, to script and inspect."""
+    return FakeAgent()
+
+
+@pytest.fixture
+def agent_url(fake_agent: FakeAgent) -> Iterator[str]:
+    """The fake agent served over TCP on a free port."""
+    with serve_app(fake_agent.app()) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No DEPLOY_AGENT_* variables and no ./.deploy-agent/token leak into a test."""
+    monkeypatch.delenv("DEPLOY_AGENT_URL", raising=False)
+    monkeypatch.delenv("DEPLOY_AGENT_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.01)
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the daemon commands -----------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints `deploy-agent <version>` and exits 0."""
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out == f"deploy-agent {agent.__version__}\n"
+
+
+def test_no_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    """No subcommand: usage on stderr, exit 2."""
+    assert run_cli() == 2
+    assert "usage: deploy-agent" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown subcommand exits 2 through argparse, without a traceback."""
+    assert run_cli("deploy-everything") == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Replaces agent.daemon with a module whose serve() records the config it was given."""
+    served: list[Config] = []
+
+    def serve(config: Config, *, token_file_hint: bool = True) -> int:
+        served.append(config)
+        return 0
+
+    module = types.ModuleType("agent.daemon")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "agent.daemon", module)
+    return served
+
+
+def test_run_without_config_serves_the_defaults(fake_daemon: list[Config]) -> None:
+    """`run` with no --config hands the built-in defaults to the daemon."""
+    assert run_cli("run") == 0
+    assert fake_daemon == [Config()]
+
+
+def test_run_with_config_serves_it(fake_daemon: list[Config], tmp_path: Path) -> None:
+    """`run --config FILE` loads FILE and hands it to the daemon."""
+    path = tmp_path / "config.toml"
+    path.write_text('[agent]\nlisten = "127.0.0.1:9999"\nmax_concurrent = 2\n', encoding="utf-8")
+    assert run_cli("run", "--config", str(path)) == 0
+    (config,) = fake_daemon
+    assert (config.agent.listen.port, config.agent.max_concurrent) == (9999, 2)
+
+
+def test_run_refuses_an_invalid_config(
+    fake_daemon: list[Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid config: one `config error:` line per problem, exit 2, the daemon never starts."""
+    path = tmp_path / "config.toml"
+    path.write_text("[agent]\nlisten = 1\nbogus = true\n", encoding="utf-8")
+    assert run_cli("run", "--config", str(path)) == 2
+    assert fake_daemon == []
+    assert capsys.readouterr().err.splitlines() == [
+        "config error: agent.bogus: unknown key",
+        "config error: agent.listen: must be a string, got an integer",
+    ]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_api_error_prints_message_and_exits_1(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 404 envelope becomes `error: <message>` on stderr and exit 1, with no traceback."""
+    assert run_cli("show", "dep_missing", "--url", agent_url, "--token", TOKEN) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: deployment dep_missing not found\n"
+    assert captured.out == ""
+
+
+def test_validation_details_are_listed(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 422 prints the message and then one indented line per bad field."""
+    code = run_cli("submit", "--url", agent_url, "--token", TOKEN, "--app", "BAD", "--image", "x", "--command", "true")
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: application: must match; build.image: is required",
+        "  application: must match ^[a-z0-9]...",
+        "  build.image: is required",
+    ]
+
+
+def test_conflict_on_kill(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 409 from kill is an error line and exit 1."""
+    assert run_cli("kill", "dep_final", "--url", agent_url, "--token", TOKEN) == 1
+    assert capsys.readouterr().err == "error: deployment dep_final is already succeeded\n"
+
+
+def test_missing_token_is_reported(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a token the agent's 401 message is shown."""
+    assert run_cli("ls", "--url", agent_url) == 1
+    assert capsys.readouterr().err == "error: missing or unknown token\n"
+
+
+def test_non_envelope_error_is_summarised(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An error body that is not the envelope (a proxy's HTML) is shown as status and text."""
+    assert run_cli("show", "dep_proxy", "--url", agent_url, "--token", TOKEN) == 1
+    assert capsys.readouterr().err == "error: HTTP 502 Bad Gateway: <html>Bad Gateway</html>\n"
+
+
+def test_connection_refused_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listening: `error: cannot reach the agent at URL: ...`, exit 1, no traceback."""
+    url = f"http://127.0.0.1:{free_port()}"
+    assert run_cli("ls", "--url", url, "--token", TOKEN) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach the agent at {url}: ")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_missing_unix_socket_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A unix URL whose socket does not exist is a one-line error, exit 1."""
+    url = f"unix:{tmp_path}/api.sock"
+    assert run_cli("ls", "--url", url) == 1
+    assert capsys.readouterr().err == f"error: cannot reach the agent at {url}: No such file or directory\n"
+
+
+def test_bad_url_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL that is neither http(s) nor unix is rejected with one line."""
+    assert run_cli("ls", "--url", "ftp://example.com") == 1
+    assert capsys.readouterr().err.startswith("error: ftp://example.com: the agent URL must be")
+
+
+def test_client_raises_client_error_with_the_envelope(agent_url: str) -> None:
+    """AgentClient turns the envelope into ClientError(status, type, message, details)."""
+    client = AgentClient(agent_url, TOKEN)
+    with pytest.raises(ClientError) as caught:
+        client.get("dep_missing")
+    error = caught.value
+    assert (error.status, error.error_type, error.message, error.details) == (
+        404, "not_found", "deployment dep_missing not found", None,
+    )
+
+
+def test_ctrl_c_exits_130_quietly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """KeyboardInterrupt during a command exits 130 and prints nothing."""
+    def interrupted(self: AgentClient, **filters: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AgentClient, "list", interrupted)
+    assert run_cli("ls") == 130
+    assert capsys.readouterr() == ("", "")
+
+
+# --- URL and token resolution ------------------------------------------------------------------
+
+
+def test_url_and_token_from_environment(
+    agent_url: str, fake_agent: FakeAgent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DEPLOY_AGENT_URL and DEPLOY_AGENT_TOKEN stand in for --url and --token."""
+    monkeypatch.setenv("DEPLOY_AGENT_URL", agent_url)
+    monkeypatch.setenv("DEPLOY_AGENT_TOKEN", TOKEN)
+    assert run_cli("ls") == 0
+    assert fake_agent.requests[-1]["headers"]["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_flags_override_environment(
+    agent_url: str, fake_agent: FakeAgent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--url and --token win over the environment."""
+    monkeypatch.setenv("DEPLOY_AGENT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DEPLOY_AGENT_TOKEN", "wrong-token")
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN) == 0
+
+
+def test_token_file_of_a_local_agent_is_used(
+    agent_url: str, fake_agent: FakeAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no --token or env variable, ./.deploy-agent/token (written by `run`) is used."""
+    (tmp_path / ".deploy-agent").mkdir()
+    (tmp_path / ".deploy-agent" / "token").write_text(TOKEN + "\n", encoding="utf-8")
+    assert run_cli("ls", "--url", agent_url) == 0
+    assert fake_agent.requests[-1]["headers"]["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_unix_socket_url(fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """A unix:/path URL reaches an agent listening on a unix socket."""
+    # Socket paths are limited to ~107 bytes; pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="da-") as directory:
+        with serve_app(fake_agent.app(), unix_path=f"{directory}/api.sock") as url:
+            assert run_cli("show", "dep_01", "--url", url, "--token", TOKEN, "--json") == 0
+            assert json.loads(capsys.readouterr().out)["id"] == "dep_01"
+            assert AgentClient(url.replace("unix:", "unix://"), TOKEN).health()["status"] == "ok"
+            assert b"".join(AgentClient(url, TOKEN).follow_logs("dep_01")) == b"step 1\nstep 2\ndone\n"
+
+
+# --- the client commands -----------------------------------------------------------------------
+
+
+def test_submit_from_flags(agent_url: str, fake_agent: FakeAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Flags build the request (absolute source path, env, timeout, server, key); output is `ID status`."""
+    (tmp_path / "src").mkdir()
+    code = run_cli(
+        "submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "local/busybox",
+        "--command", "echo hi > /workspace/index.html", "--env", "A=1", "--env", "B=x=y", "--source-path", "src",
+        "--timeout", "30", "--server", "edge-1", "--idempotency-key", "key-1",
+    )
+    assert code == 0
+    assert capsys.readouterr().out == "dep_new queued\n"
+    request = fake_agent.requests[-1]
+    assert request["headers"]["Idempotency-Key"] == "key-1"
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert request["json"] == {
+        "application": "web",
+        "server": "edge-1",
+        "source": {"type": "path", "path": str(tmp_path / "src")},
+        "build": {"image": "local/busybox", "command": "echo hi > /workspace/index.html", "env": {"A": "1", "B": "x=y"}, "timeout_s": 30.0},
+    }
+
+
+def test_submit_from_file_and_stdin(
+    agent_url: str, fake_agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`submit FILE` sends the file's JSON as is; `-` reads it from stdin; --json prints the full object."""
+    body = {"application": "web", "build": {"image": "i", "command": ["true"]}, "metadata": {"commit": "abc"}}
+    (tmp_path / "request.json").write_text(json.dumps(body), encoding="utf-8")
+    assert run_cli("submit", "request.json", "--url", agent_url, "--token", TOKEN, "--json") == 0
+    assert fake_agent.requests[-1]["json"] == body
+    assert json.loads(capsys.readouterr().out)["id"] == "dep_new"
+
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(read=lambda: json.dumps(body)))
+    assert run_cli("submit", "-", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["json"] == body
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--app", "web"], "error: without FILE, --image and --command are required"),
+        (["request.json", "--app", "web"], "error: give FILE or flags, not both (got FILE and --app)"),
+        (["missing.json"], "error: missing.json: cannot read: No such file or directory"),
+        (["--app", "w", "--image", "i", "--command", "c", "--env", "NOVALUE"], "error: --env 'NOVALUE': expected KEY=VALUE"),
+    ],
+)
+def test_submit_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    """Bad submit input is a one-line error and exit 2, before any request is sent."""
+    (tmp_path / "request.json").write_text("{}", encoding="utf-8")
+    assert run_cli("submit", *args) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_submit_rejects_a_file_that_is_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A request file that is not JSON is a one-line error and exit 2."""
+    (tmp_path / "request.json").write_text("application: web", encoding="utf-8")
+    assert run_cli("submit", "request.json") == 2
+    assert capsys.readouterr().err.startswith("error: request.json: not valid JSON: ")
+
+
+def test_submit_wait_succeeds(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """--wait polls until a final status and exits 0 when it is succeeded."""
+    fake_agent.statuses["dep_new"] = ["queued", "building", "deploying", "succeeded"]
+    code = run_cli("submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c", "--wait")
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == ["dep_new queued", "dep_new succeeded"]
+
+
+def test_submit_wait_fails(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """--wait exits 1 when the deployment fails, printing the final status and its error."""
+    fake_agent.statuses["dep_new"] = ["queued", "building", "failed"]
+    fake_agent.errors["dep_new"] = {"type": "build_failed", "message": "build exited with code 3"}
+    code = run_cli("submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c", "--wait")
+    assert code == 1
+    assert capsys.readouterr().out.splitlines() == ["dep_new queued", "dep_new failed: build exited with code 3"]
+
+
+def test_submit_follow_streams_then_exits_on_status(
+    agent_url: str, fake_agent: FakeAgent, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """--follow writes the log to stdout, the verdict to stderr, and exits like --wait."""
+    fake_agent.statuses["dep_new"] = ["cancelled"]
+    code = run_cli("submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c", "--follow")
+    assert code == 1
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"step 1\nstep 2\ndone\n"
+    assert captured.err == b"dep_new cancelled\n"
+
+
+def test_ls_table(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """ls prints aligned columns in the agent's (newest first) order and passes the filters on."""
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN, "--app", "web", "--status", "failed", "--limit", "5") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED"]
+    assert lines[1].split() == ["dep_02", "api", "local", "building", "2026-11-22T12:00:00.000Z", "2026-11-22T12:05:00.000Z"]
+    assert lines[2].split()[:4] == ["dep_01", "web", "edge-1", "succeeded"]
+    assert lines[0].index("STATUS") == lines[1].index("building") == lines[2].index("succeeded")
+    assert fake_agent.requests[-1]["query"] == {"application": "web", "status": "failed", "limit": "5"}
+
+
+def test_ls_json(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """ls --json prints the agent's page as JSON."""
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN, "--json") == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [item["id"] for item in page["data"]] == ["dep_02", "dep_01"] and page["next_cursor"] is None
+
+
+def test_show_human_readable(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """show prints `key: value` lines; null is `-`, objects are compact JSON."""
+    assert run_cli("show", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()}
+    assert lines["id"] == "dep_01" and lines["status"] == "succeeded"
+    assert lines["error"] == "-" and lines["metadata"] == "{}"
+
+
+def test_logs_and_tail(agent_url: str, fake_agent: FakeAgent, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """logs prints the log bytes; --tail N is passed to the agent."""
+    assert run_cli("logs", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    assert capsysbinary.readouterr().out == b"step 1\nstep 2\ndone\n"
+    assert run_cli("logs", "dep_01", "--tail", "1", "--url", agent_url, "--token", TOKEN) == 0
+    assert capsysbinary.readouterr().out == b"done\n"
+    assert fake_agent.requests[-1]["query"] == {"tail": "1"}
+
+
+def test_logs_follow(agent_url: str, fake_agent: FakeAgent, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """logs -f streams until the agent ends the response, asking with follow=true."""
+    assert run_cli("logs", "-f", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    assert capsysbinary.readouterr().out == b"step 1\nstep 2\ndone\n"
+    assert fake_agent.requests[-1]["query"] == {"follow": "true"}
+
+
+def test_follow_logs_yields_chunks_as_they_arrive(agent_url: str, fake_agent: FakeAgent) -> None:
+    """follow_logs hands over the first chunk before the agent has written the second."""
+    fake_agent.release_second_chunk = threading.Event()
+    chunks = AgentClient(agent_url, TOKEN).follow_logs("dep_01")
+    assert next(chunks) == b"step 1\n"
+    fake_agent.release_second_chunk.set()
+    assert b"".join(chunks) == b"step 2\ndone\n"
+
+
+def test_follow_logs_has_no_read_timeout(agent_url: str, fake_agent: FakeAgent) -> None:
+    """A followed log may stay silent for longer than the client's timeout."""
+    fake_agent.chunk_delay_s = 0.6
+    client = AgentClient(agent_url, TOKEN, timeout=0.3)
+    assert b"".join(client.follow_logs("dep_01")) == b"step 1\nstep 2\ndone\n"
+
+
+def test_follow_logs_error_is_client_error(agent_url: str) -> None:
+    """An error answer to a followed log raises ClientError like any other call."""
+    with pytest.raises(ClientError, match="deployment dep_missing not found"):
+        list(AgentClient(agent_url, TOKEN).follow_logs("dep_missing"))
+
+
+def test_kill_rm_rollback(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """kill, rm and rollback call the right endpoints and print one line each."""
+    assert run_cli("kill", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["method"] == "POST" and fake_agent.requests[-1]["path"] == "/v1/deployments/dep_01/kill"
+    assert run_cli("rm", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["method"] == "DELETE" and fake_agent.requests[-1]["path"] == "/v1/deployments/dep_01"
+    assert run_cli("rollback", "dep_01", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["path"] == "/v1/deployments/dep_01/rollback"
+    assert capsys.readouterr().out.splitlines() == [
+        "dep_01 building",
+        "dep_01 deleted",
+        "dep_rb queued (rollback of dep_01)",
+    ]
+
+
+def test_health(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """health prints the agent's status, without needing a token."""
+    assert run_cli("health", "--url", agent_url) == 0
+    assert capsys.readouterr().out == "ok\n"
