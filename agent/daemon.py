@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import secrets
 import signal
@@ -54,7 +55,10 @@ class Daemon:
         self._store = Store(config.database_path)
         await self._store.open()
         self._runtime = ContainerRuntime(
-            config.docker, max_streams=config.agent.max_concurrent, kill_grace_s=config.agent.kill_grace_s
+            config.docker,
+            max_streams=config.agent.max_concurrent,
+            kill_grace_s=config.agent.kill_grace_s,
+            instance=instance_label(config),
         )
         self.engine = Engine(config, self._store, self._runtime, Metrics())
         await self.engine.start()
@@ -133,6 +137,12 @@ def ensure_token(config: Config) -> Config:
     logger.info("no token configured: using a generated admin token", token_file=str(path.resolve()), created=created)
     generated = TokenConfig(name=GENERATED_TOKEN_NAME, token_sha256=hash_token(token), scopes=frozenset({"admin"}))
     return dataclasses.replace(config, tokens=(generated,))
+
+
+def instance_label(config: Config) -> str:
+    """Names this agent's containers, so that agents sharing one Docker engine never touch each other's."""
+    resolved = str(config.agent.state_dir.resolve())
+    return hashlib.sha256(resolved.encode("utf-8")).hexdigest()[:16]
 
 
 def _bound_address(runner: web.AppRunner, unix_path: str | None) -> str:

@@ -67,10 +67,22 @@ class Engine:
         """Reconciles what a previous run left behind, then starts scheduling."""
         self.config.logs_dir.mkdir(parents=True, exist_ok=True)
         self.config.workspaces_dir.mkdir(parents=True, exist_ok=True)
-        await self.reconcile()
         self.accepting = True
-        self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
+        self._scheduler = asyncio.create_task(self._reconcile_then_schedule(), name="scheduler")
         self._wakeup.set()
+
+    async def _reconcile_then_schedule(self) -> None:
+        # Docker may be down at boot: accept (durably) and answer 503 on /healthz until it is back.
+        delay = 1.0
+        while True:
+            try:
+                await self.reconcile()
+                break
+            except AgentError as exc:
+                logger.error("reconciliation failed; retrying", error=exc.message, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        await self._schedule_forever()
 
     async def reconcile(self) -> None:
         """Ends deployments a previous run left in progress and removes their containers."""

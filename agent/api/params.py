@@ -1,0 +1,218 @@
+"""Parsing of request bodies, headers and query strings; every problem is a 400 that says what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from agent.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from agent.models import STATUSES, DeploymentFilter, decode_cursor, format_time, parse_time
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_LIST_LIMIT = 500
+DEFAULT_LIST_LIMIT = 50
+# Deeper JSON than this is refused before it can exhaust the recursion of json.dumps or asdict.
+MAX_JSON_DEPTH = 32
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    """The request body as JSON; 413 over `max_bytes`, 400 when it is not strict UTF-8 JSON."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(too_large_message(max_bytes))
+    try:
+        raw = await request.read()  # aiohttp enforces client_max_size while reading (chunked bodies too)
+    except web.RequestPayloadError as exc:
+        # e.g. a Content-Encoding the body does not match, or broken chunked framing
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        raise BadRequest(f"request body could not be read: {reason}", code="malformed_body") from None
+    except ConnectionResetError:
+        raise BadRequest("the connection closed before the request body arrived", code="malformed_body") from None
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8", code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply", code="malformed_json") from None
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="malformed_json") from None
+    _check_json(body)
+    return body
+
+
+def too_large_message(max_bytes: int) -> str:
+    return f"request body is over the limit of {max_bytes} bytes"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _check_json(body: Any) -> None:
+    """Refuses JSON that parses but that no later step could store: lone surrogates, extreme nesting."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            problem = {"field": path or "body", "message": f"is nested deeper than {MAX_JSON_DEPTH} levels"}
+            raise ValidationFailed([problem])
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"request body holds an invalid \\u escape (a lone surrogate) at {path or 'the top level'}",
+            code="malformed_json",
+        ) from None
+
+
+def request_hash(body: Any) -> str:
+    """SHA-256 of the body's canonical JSON: the same request gives the same hash however it was spelled."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header: 1 to 255 printable ASCII characters, or absent."""
+    values = request.headers.getall("Idempotency-Key", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("more than one Idempotency-Key header", code="bad_idempotency_key")
+    key = values[0]
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(" " <= c <= "~" for c in key):
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters",
+            code="bad_idempotency_key",
+        )
+    return key
+
+
+# --- query strings -------------------------------------------------------------------------
+
+
+def single_values(query: MultiMapping[str], allowed: Iterable[str]) -> dict[str, str]:
+    """The query as a plain dict; 400 for parameters not in `allowed` and for repeated ones."""
+    allowed = frozenset(allowed)
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"unknown query parameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
+            code="bad_query",
+            details={"unknown": unknown},
+        )
+    values: dict[str, str] = {}
+    for name in query:
+        given = query.getall(name)
+        if len(given) > 1:
+            raise BadRequest(f"query parameter {name} is given more than once", code="bad_query")
+        values[name] = given[0]
+    return values
+
+
+def parse_integer(name: str, text: str, *, minimum: int, maximum: int | None = None) -> int:
+    """A decimal integer query parameter within bounds; 400 naming the parameter otherwise."""
+    bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+    if not _DIGITS.fullmatch(text):
+        raise BadRequest(f"query parameter {name} must be an integer {bounds}, got {text[:40]!r}", code="bad_query")
+    value = int(text)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise BadRequest(f"query parameter {name} must be an integer {bounds}, got {value}", code="bad_query")
+    return value
+
+
+def parse_boolean(name: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise BadRequest(f"query parameter {name} must be true, false, 1 or 0, got {text[:40]!r}", code="bad_query")
+
+
+def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
+    """The filters of `GET /v1/deployments`."""
+    values = single_values(query, ("application", "server", "status", "updated_since", "limit", "cursor"))
+    status = values.get("status")
+    if status is not None and status not in STATUSES:
+        raise BadRequest(
+            f"query parameter status must be one of {', '.join(STATUSES)}, got {status[:40]!r}", code="bad_query"
+        )
+    updated_since = values.get("updated_since")
+    if updated_since is not None:
+        try:
+            updated_since = format_time(parse_time(updated_since))
+        except (ValueError, OverflowError):
+            hint = " (a '+' in a query string must be sent as %2B)" if " " in updated_since else ""
+            raise BadRequest(
+                f"query parameter updated_since must be an RFC 3339 timestamp such as 2026-01-02T03:04:05Z, "
+                f"got {updated_since[:64]!r}{hint}",
+                code="bad_query",
+            ) from None
+    limit = DEFAULT_LIST_LIMIT
+    if "limit" in values:
+        limit = parse_integer("limit", values["limit"], minimum=1, maximum=MAX_LIST_LIMIT)
+    after_seq = None
+    if "cursor" in values:
+        try:
+            after_seq = decode_cursor(values["cursor"])
+        except ValueError:
+            after_seq = -1
+        if after_seq < 0:
+            raise BadRequest("query parameter cursor is not a cursor this agent handed out", code="bad_query")
+    return DeploymentFilter(
+        application=values.get("application"),
+        server=values.get("server"),
+        status=status,
+        updated_since=updated_since,
+        limit=limit,
+        after_seq=after_seq,
+    )
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """The options of `GET /v1/deployments/{id}/logs`."""
+
+    follow: bool = False
+    tail: int | None = None
+    offset: int | None = None
+
+
+def parse_log_query(query: MultiMapping[str]) -> LogQuery:
+    values = single_values(query, ("follow", "tail", "offset"))
+    tail = parse_integer("tail", values["tail"], minimum=0) if "tail" in values else None
+    offset = parse_integer("offset", values["offset"], minimum=0) if "offset" in values else None
+    if tail is not None and offset is not None:
+        raise BadRequest("give tail or offset, not both", code="bad_query")
+    follow = parse_boolean("follow", values["follow"]) if "follow" in values else False
+    return LogQuery(follow=follow, tail=tail, offset=offset)

@@ -1,0 +1,112 @@
+"""Route handlers: parse the request, call the engine, serialise the answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from agent.api.auth import READ_SCOPE, WRITE_SCOPE, requires
+from agent.api.context import engine_of
+from agent.api.log_stream import get_logs
+from agent.api.params import idempotency_key, parse_list_query, read_json, request_hash
+from agent.errors import Unavailable, ValidationFailed
+from agent.metrics import CONTENT_TYPE_LATEST
+from agent.models import parse_deployment_request
+
+logger = structlog.get_logger("agent.api")
+
+
+def add_routes(app: web.Application) -> None:
+    """Registers every route of the contract. HEAD is only answered where it is useful (/healthz)."""
+    router = app.router
+    router.add_post("/v1/deployments", submit_deployment)
+    router.add_get("/v1/deployments", list_deployments, allow_head=False)
+    router.add_get("/v1/deployments/{id}", get_deployment, allow_head=False)
+    router.add_delete("/v1/deployments/{id}", delete_deployment)
+    router.add_get("/v1/deployments/{id}/logs", get_logs, allow_head=False)
+    router.add_post("/v1/deployments/{id}/kill", kill_deployment)
+    router.add_post("/v1/deployments/{id}/rollback", rollback_deployment)
+    router.add_get("/healthz", healthz)
+    router.add_get("/metrics", metrics, allow_head=False)
+
+
+@requires(WRITE_SCOPE)
+async def submit_deployment(request: web.Request) -> web.Response:
+    """201 + the new deployment; 200 + the earlier one when an Idempotency-Key repeats a request."""
+    engine = engine_of(request)
+    settings = engine.config.agent
+    body = await read_json(request, settings.max_body_bytes)
+    key = idempotency_key(request)
+    # Validation stats source paths: keep even that off the event loop.
+    spec = await asyncio.to_thread(
+        parse_deployment_request,
+        body,
+        servers=engine.servers(),
+        default_build_timeout_s=settings.default_build_timeout_s,
+    )
+    deployment, created = await engine.submit(spec, idempotency_key=key, request_hash=request_hash(body))
+    return web.json_response(
+        deployment.to_json(),
+        status=201 if created else 200,
+        headers={"Location": f"/v1/deployments/{deployment.id}"},
+    )
+
+
+@requires(READ_SCOPE)
+async def list_deployments(request: web.Request) -> web.Response:
+    """A page of deployments, newest first, with the cursor of the next page."""
+    page, next_cursor = await engine_of(request).list(parse_list_query(request.query))
+    return web.json_response({"data": [deployment.to_json() for deployment in page], "next_cursor": next_cursor})
+
+
+@requires(READ_SCOPE)
+async def get_deployment(request: web.Request) -> web.Response:
+    deployment = await engine_of(request).get(request.match_info["id"])
+    return web.json_response(deployment.to_json())
+
+
+@requires(WRITE_SCOPE)
+async def kill_deployment(request: web.Request) -> web.Response:
+    """202 + the deployment as it is after the kill (cancelled)."""
+    deployment = await engine_of(request).kill(request.match_info["id"])
+    return web.json_response(deployment.to_json(), status=202)
+
+
+@requires(WRITE_SCOPE)
+async def rollback_deployment(request: web.Request) -> web.Response:
+    await engine_of(request).get(request.match_info["id"])  # 404 for an unknown id comes first
+    error = ValidationFailed([], "rollback is not supported yet")
+    error.code = "not_supported"
+    raise error
+
+
+@requires(WRITE_SCOPE)
+async def delete_deployment(request: web.Request) -> web.Response:
+    await engine_of(request).delete(request.match_info["id"])
+    return web.Response(status=204)
+
+
+@requires(None)
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the agent can serve; 503 with the reason (shutting down, Docker unreachable) otherwise."""
+    engine = engine_of(request)
+    if not engine.accepting:
+        raise Unavailable("the agent is shutting down", code="shutting_down")
+    try:
+        ok, details = await engine.health()
+    except Exception as exc:  # noqa: BLE001 - a failing probe is an unhealthy agent, not a 500
+        logger.warning("health check failed", exc_info=True)
+        raise Unavailable(f"health check failed: {exc}", code="health_check_failed") from None
+    if not ok:
+        raise Unavailable(str(details.get("reason") or "the agent cannot serve"), code="unhealthy")
+    return web.json_response({**details, "status": "ok"})
+
+
+@requires(READ_SCOPE)
+async def metrics(request: web.Request) -> web.Response:
+    engine = engine_of(request)
+    counts = await engine.status_counts()
+    text = engine.metrics.render(counts, queue_depth=counts.get("queued", 0), running=engine.running_count())
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

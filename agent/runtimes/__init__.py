@@ -1,0 +1,1 @@
+"""Runtimes: the places a deployment's work runs (a Docker container today)."""
