@@ -60,6 +60,7 @@ class Engine:
         self._running: dict[str, RunningDeployment] = {}
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self._reconciled = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -67,6 +68,11 @@ class Engine:
         """Reconciles what a previous run left behind, then starts scheduling."""
         self.config.logs_dir.mkdir(parents=True, exist_ok=True)
         self.config.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.reconcile()
+            self._reconciled = True
+        except AgentError as exc:
+            logger.error("reconciliation failed; retrying in the background", error=exc.message)
         self.accepting = True
         self._scheduler = asyncio.create_task(self._reconcile_then_schedule(), name="scheduler")
         self._wakeup.set()
@@ -74,10 +80,10 @@ class Engine:
     async def _reconcile_then_schedule(self) -> None:
         # Docker may be down at boot: accept (durably) and answer 503 on /healthz until it is back.
         delay = 1.0
-        while True:
+        while not self._reconciled:
             try:
                 await self.reconcile()
-                break
+                self._reconciled = True
             except AgentError as exc:
                 logger.error("reconciliation failed; retrying", error=exc.message, retry_in_s=delay)
                 await asyncio.sleep(delay)
@@ -198,6 +204,8 @@ class Engine:
             version = await asyncio.wait_for(self.runtime.ping(), timeout=3)
         except (AgentError, asyncio.TimeoutError) as exc:
             return False, {"reason": f"Docker engine unreachable: {getattr(exc, 'message', None) or 'timed out'}"}
+        if not self._reconciled:
+            return False, {"reason": "recovering the deployments of the previous run"}
         return True, {"docker": version, "running": len(self._running)}
 
     async def status_counts(self) -> dict[str, int]:

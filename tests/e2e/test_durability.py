@@ -41,8 +41,11 @@ def test_a_deployment_accepted_just_before_sigkill_is_not_lost(agent_factory) ->
     created = [agent.submit(build_request("burst", command="true")) for _ in range(5)]
     agent.stop(signal.SIGKILL)
     agent.start()
-    for deployment in created:
-        assert agent.wait_for(deployment["id"])["status"] == "succeeded"
+    outcomes = [agent.wait_for(deployment["id"]) for deployment in created]
+    for final in outcomes:
+        # One may have been mid-build at the kill: it ends failed, saying why; none is lost.
+        assert final["status"] == "succeeded" or final["error"]["type"] == "agent_restarted", final
+    assert outcomes[-1]["status"] == "succeeded"
 
 
 def test_sigterm_drains_running_builds_and_keeps_the_queue(agent_factory) -> None:
