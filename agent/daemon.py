@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import signal
+import sys
 from pathlib import Path
 
 import structlog
@@ -24,6 +25,7 @@ from agent import systemd
 logger = structlog.get_logger("agent.daemon")
 
 GENERATED_TOKEN_NAME = "local-admin"
+SWITCH_INTERVAL_S = 0.001
 
 
 class Daemon:
@@ -49,6 +51,9 @@ class Daemon:
         return 0
 
     async def startup(self) -> None:
+        # Log-stream threads hold the GIL in bursts; a short switch interval hands it back
+        # to the event loop quickly, so the API stays responsive while builds stream.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         config = self.config
         config.agent.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = config = ensure_token(config)

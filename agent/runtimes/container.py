@@ -205,6 +205,10 @@ class ContainerRuntime:
             mem_limit=settings.build_memory_bytes,
             nano_cpus=int(settings.build_cpus * 1e9) if settings.build_cpus else None,
             pids_limit=settings.build_pids,
+            # Half the default CPU weight: a busy build never starves the agent serving the API.
+            cpu_shares=512,
+            # The agent streams output itself; Docker keeping a second copy costs CPU and disk.
+            log_config={"Type": "none", "Config": {}},
         )
         labels = _build_labels(job)
         if self._instance is not None:

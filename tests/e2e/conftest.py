@@ -91,6 +91,12 @@ class AgentProcess:
         kwargs.setdefault("timeout", 30)
         return requests.request(method, f"{self.url}{path}", headers=headers, **kwargs)
 
+    def session(self, token: str = ADMIN_TOKEN) -> requests.Session:
+        """A keep-alive session, as a polling control plane would hold."""
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {token}"
+        return session
+
     def submit(self, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         response = self.request("POST", "/v1/deployments", json=body, **kwargs)
         assert response.status_code == 201, response.text

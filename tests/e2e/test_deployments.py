@@ -330,20 +330,19 @@ def test_api_answers_within_100ms_while_four_builds_stream(agent: AgentProcess) 
         agent.wait_for(deployment_id, lambda d: d["status"] != "queued")
     latencies: list[float] = []
     deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        began = time.monotonic()
-        response = agent.request("GET", "/v1/deployments", params={"limit": "10"})
-        latencies.append(time.monotonic() - began)
-        assert response.status_code == 200
-        began = time.monotonic()
-        agent.request("GET", f"/v1/deployments/{ids[0]}")
-        latencies.append(time.monotonic() - began)
-        time.sleep(0.02)
+    with agent.session() as poller:
+        while time.monotonic() < deadline:
+            for path in ("/v1/deployments?limit=10", f"/v1/deployments/{ids[0]}"):
+                began = time.monotonic()
+                response = poller.get(f"{agent.url}{path}", timeout=5)
+                latencies.append(time.monotonic() - began)
+                assert response.status_code == 200
+            time.sleep(0.02)
     streaming = [agent.get(i)["status"] for i in ids]
     assert streaming.count("building") >= 3, f"builds ended before the measurement was over: {streaming}"
+    assert len(latencies) > 100
     latencies.sort()
-    assert latencies[len(latencies) * 95 // 100] < 0.1, latencies[-10:]
-    assert max(latencies) < 0.25, latencies[-10:]
+    assert latencies[-1] < 0.1, f"slowest requests: {[round(x * 1000) for x in latencies[-5:]]} ms"
     for deployment_id in ids:
         agent.request("POST", f"/v1/deployments/{deployment_id}/kill")
     for deployment_id in ids:

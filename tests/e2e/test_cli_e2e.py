@@ -1,0 +1,107 @@
+"""The command line against the real daemon, as an operator uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.e2e.conftest import ADMIN_TOKEN, AgentProcess
+
+
+def cli(agent_url: str, *args: str, token: str = ADMIN_TOKEN, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEPLOY_AGENT_URL": agent_url, "DEPLOY_AGENT_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def test_submit_follow_ls_show_logs_rm(agent: AgentProcess, source_dir: Path) -> None:
+    """submit --follow prints the build's lines and exits 0; ls, show, logs and rm work on the result."""
+    submitted = cli(
+        agent.url, "submit", "--app", "clitest", "--image", "local/busybox", "--source-path", str(source_dir),
+        "--command", "cat index.html; echo KEY=$KEY", "--env", "KEY=from-cli", "--follow",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "build stdout | <h1>hello from source</h1>" in submitted.stdout
+    assert "build stdout | KEY=from-cli" in submitted.stdout
+    deployment_id = re.search(r"dep_[0-9a-z]+", submitted.stdout + submitted.stderr).group(0)
+
+    listed = cli(agent.url, "ls", "--app", "clitest")
+    assert listed.returncode == 0 and deployment_id in listed.stdout and "succeeded" in listed.stdout
+    shown = cli(agent.url, "show", deployment_id, "--json")
+    assert json.loads(shown.stdout)["status"] == "succeeded"
+    logs = cli(agent.url, "logs", deployment_id, "--tail", "2")
+    assert logs.returncode == 0 and len(logs.stdout.splitlines()) == 2
+    removed = cli(agent.url, "rm", deployment_id)
+    assert removed.returncode == 0
+    missing = cli(agent.url, "show", deployment_id)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: ") and "not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_failed_build_exits_1_and_kill_cancels(agent: AgentProcess) -> None:
+    """--wait exits 1 on a failed build; kill of a running one through the CLI cancels it."""
+    failed = cli(agent.url, "submit", "--app", "clifail", "--image", "local/busybox", "--command", "exit 4", "--wait")
+    assert failed.returncode == 1
+    assert "failed" in failed.stdout + failed.stderr
+    created = agent.submit({"application": "clikill", "build": {"image": "local/busybox", "command": "sleep 60"}})
+    agent.wait_for(created["id"], lambda d: d["status"] == "building" and d["container_id"])
+    killed = cli(agent.url, "kill", created["id"])
+    assert killed.returncode == 0, killed.stderr
+    assert agent.wait_for(created["id"], timeout=10)["status"] == "cancelled"
+
+
+def test_logs_follow_prints_lines_as_they_arrive(agent: AgentProcess) -> None:
+    """`logs -f` shows a line while the build is still running, then ends when it is final."""
+    created = agent.submit(
+        {"application": "clifollow", "build": {"image": "local/busybox", "command": "echo first; sleep 2; echo second"}}
+    )
+    env = {**os.environ, "DEPLOY_AGENT_URL": agent.url, "DEPLOY_AGENT_TOKEN": ADMIN_TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "logs", "-f", created["id"]], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    first_seen = None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "build stdout | first" in line:
+            first_seen = agent.get(created["id"])["status"]
+    assert process.wait(timeout=30) == 0
+    assert first_seen == "building", "the first line should arrive while the build still runs"
+    assert any("build stdout | second" in line for line in lines)
+
+
+def test_unix_socket_listener(agent_factory, tmp_path: Path) -> None:
+    """With listen = unix:/path the API and the CLI work over the socket."""
+    agent = agent_factory("unixsock", start=False)
+    socket_path = tmp_path / "api.sock"
+    text = agent.config_path.read_text()
+    agent.config_path.write_text(re.sub(r'listen = "[^"]+"', f'listen = "unix:{socket_path}"', text))
+    output = open(agent.output_path, "ab")
+    agent.process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(agent.config_path)], stdout=output, stderr=output
+    )
+    deadline = time.monotonic() + 30
+    while not socket_path.exists():
+        assert time.monotonic() < deadline, agent.output()
+        time.sleep(0.05)
+    url = f"unix:{socket_path}"
+    submitted = cli(url, "submit", "--app", "unixapp", "--image", "local/busybox", "--command", "echo via-socket", "--follow")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "via-socket" in submitted.stdout
+    # The daemon's own log lines are JSON, bound to the deployment they concern.
+    agent.stop()
+    events = [json.loads(line) for line in agent.output().splitlines() if line.startswith("{")]
+    bound = [event for event in events if event.get("event") == "status changed"]
+    assert bound and all(event["deployment_id"].startswith("dep_") for event in bound)
+    assert ADMIN_TOKEN not in agent.output()
