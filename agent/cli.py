@@ -84,9 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_output = argparse.ArgumentParser(add_help=False)
     json_output.add_argument("--json", action="store_true", help="print the full JSON")
+    waiting = argparse.ArgumentParser(add_help=False)
+    wait_or_follow = waiting.add_mutually_exclusive_group()
+    wait_or_follow.add_argument(
+        "--wait", action="store_true", help="wait for a final status; exit 0 only if it succeeded"
+    )
+    wait_or_follow.add_argument(
+        "--follow", action="store_true", help="stream the log until a final status, then exit as --wait"
+    )
 
     submit = commands.add_parser(
-        "submit", parents=[connection, json_output], help="submit a deployment from a JSON file or from flags"
+        "submit", parents=[connection, json_output, waiting], help="submit a deployment from a JSON file or from flags"
     )
     submit.add_argument("file", metavar="FILE", nargs="?", help="deployment request as JSON ('-' for stdin)")
     submit.add_argument("--app", help="application name")
@@ -97,9 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="build timeout")
     submit.add_argument("--server", help="server to deploy to (default: local)")
     submit.add_argument("--idempotency-key", metavar="KEY", help="repeat-safe key for this request")
-    waiting = submit.add_mutually_exclusive_group()
-    waiting.add_argument("--wait", action="store_true", help="wait for a final status; exit 0 only if it succeeded")
-    waiting.add_argument("--follow", action="store_true", help="stream the log until a final status, then exit as --wait")
+    release = submit.add_argument_group("release (the request's `run`; without it the deployment is a one-off job)")
+    release.add_argument("--run-command", metavar="CMD", help="command that serves the release, run by /bin/sh -c")
+    release.add_argument("--run-image", metavar="IMG", help="image to run (default: the build's result image)")
+    release.add_argument("--runtime", choices=("container", "process"), help="container (default) or host process")
+    release.add_argument("--port", type=int, metavar="N", help="port the application listens on")
+    release.add_argument("--host-port", type=int, metavar="N", help="host port to publish it on (default: the agent picks one)")
+    release.add_argument(
+        "--run-env", action="append", default=[], metavar="KEY=VALUE", help="release environment (repeatable)"
+    )
+    checking = release.add_mutually_exclusive_group()
+    checking.add_argument("--health-path", metavar="PATH", help="HTTP health check of PATH (2xx/3xx is healthy)")
+    checking.add_argument("--health-tcp", action="store_true", help="TCP health check (a connection is healthy)")
     submit.set_defaults(handler=submit_deployment)
 
     listing = commands.add_parser("ls", parents=[connection, json_output], help="list deployments, newest first")
@@ -128,10 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(handler=remove_deployment)
 
     rollback = commands.add_parser(
-        "rollback", parents=[connection, json_output], help="redeploy the release of an earlier deployment"
+        "rollback", parents=[connection, json_output, waiting], help="redeploy the release of an earlier deployment"
     )
     rollback.add_argument("id", metavar="ID")
     rollback.set_defaults(handler=rollback_deployment)
+
+    apps = commands.add_parser(
+        "apps", parents=[connection, json_output], help="list applications and their current releases, or show one"
+    )
+    apps.add_argument("name", metavar="NAME", nargs="?", help="show only this application")
+    apps.set_defaults(handler=show_applications)
+
+    stop = commands.add_parser("stop", parents=[connection, json_output], help="stop an application's current release")
+    stop.add_argument("application", metavar="APP")
+    stop.set_defaults(handler=stop_application)
+
+    start = commands.add_parser(
+        "start", parents=[connection, json_output], help="start an application's stopped release again"
+    )
+    start.add_argument("application", metavar="APP")
+    start.set_defaults(handler=start_application)
 
     health = commands.add_parser("health", parents=[connection, json_output], help="ask whether the agent can serve")
     health.set_defaults(handler=check_health)
@@ -180,20 +213,7 @@ def submit_deployment(args: argparse.Namespace) -> int:
     body = _request_body(args)
     client = _client(args)
     deployment = client.submit(body, idempotency_key=args.idempotency_key)
-    if args.follow:
-        _stream(client.follow_logs(deployment["id"]))
-        final = _wait_for_final(client, deployment["id"])
-        # stdout holds the log; the verdict goes to stderr.
-        _print_verdict(final, as_json=args.json, stream=sys.stderr)
-        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
-    if args.wait:
-        if not args.json:
-            print(_summary(deployment), flush=True)
-        final = _wait_for_final(client, deployment["id"])
-        _print_verdict(final, as_json=args.json, stream=sys.stdout)
-        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
-    print(_to_json(deployment) if args.json else _summary(deployment))
-    return EXIT_OK
+    return _report_new_deployment(client, deployment, args)
 
 
 def list_deployments(args: argparse.Namespace) -> int:
@@ -204,12 +224,11 @@ def list_deployments(args: argparse.Namespace) -> int:
     if args.json:
         print(_to_json(page))
         return EXIT_OK
-    columns = ("ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED")
-    keys = ("id", "application", "server", "status", "created_at", "updated_at")
-    rows = [columns] + [tuple(_text(item.get(key)) for key in keys) for item in page.get("data", [])]
-    widths = [max(len(row[index]) for row in rows) for index in range(len(columns))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(
+        page.get("data", []),
+        ("ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED"),
+        ("id", "application", "server", "status", "created_at", "updated_at"),
+    )
     return EXIT_OK
 
 
@@ -219,9 +238,7 @@ def show_deployment(args: argparse.Namespace) -> int:
     if args.json:
         print(_to_json(deployment))
         return EXIT_OK
-    width = max((len(key) for key in deployment), default=0) + 1
-    for key, value in deployment.items():
-        print(f"{key + ':':<{width}} {_text(value)}")
+    _print_fields(deployment)
     return EXIT_OK
 
 
@@ -250,9 +267,45 @@ def remove_deployment(args: argparse.Namespace) -> int:
 
 
 def rollback_deployment(args: argparse.Namespace) -> int:
-    """`rollback ID`: a new deployment that brings back the release of ID."""
-    deployment = _client(args).rollback(args.id)
-    print(_to_json(deployment) if args.json else f"{_summary(deployment)} (rollback of {args.id})")
+    """`rollback ID`: a new deployment that brings back the release of ID; --wait/--follow as for submit."""
+    client = _client(args)
+    deployment = client.rollback(args.id)
+    return _report_new_deployment(client, deployment, args, note=f" (rollback of {args.id})")
+
+
+def show_applications(args: argparse.Namespace) -> int:
+    """`apps [NAME]`: a table of applications, or one as `key: value` lines; JSON with --json."""
+    client = _client(args)
+    if args.name is not None:
+        application = client.application(args.name)
+        if args.json:
+            print(_to_json(application))
+        else:
+            _print_fields(application)
+        return EXIT_OK
+    answer = client.applications()
+    if args.json:
+        print(_to_json(answer))
+        return EXIT_OK
+    _print_table(
+        answer.get("data", []),
+        ("NAME", "STATE", "DEPLOYMENT", "URL", "SINCE"),
+        ("name", "state", "current_deployment_id", "url", "since"),
+    )
+    return EXIT_OK
+
+
+def stop_application(args: argparse.Namespace) -> int:
+    """`stop APP`: stops the application's current release; prints `APP stopped`."""
+    application = _client(args).stop_application(args.application)
+    print(_to_json(application) if args.json else _application_line(application, args.application))
+    return EXIT_OK
+
+
+def start_application(args: argparse.Namespace) -> int:
+    """`start APP`: starts the application's release again; prints `APP running (url)`."""
+    application = _client(args).start_application(args.application)
+    print(_to_json(application) if args.json else _application_line(application, args.application))
     return EXIT_OK
 
 
@@ -302,30 +355,81 @@ def _resolve_token(explicit: str | None) -> str | None:
 
 def _request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The deployment request: the JSON of FILE, or one built from the flags (not both)."""
-    flags = {
-        "--app": args.app, "--image": args.image, "--command": args.command, "--env": args.env,
-        "--source-path": args.source_path, "--timeout": args.timeout, "--server": args.server,
+    build_flags = {"--image": args.image, "--command": args.command, "--env": args.env, "--timeout": args.timeout}
+    run_flags = {
+        "--run-command": args.run_command, "--run-image": args.run_image, "--runtime": args.runtime,
+        "--port": args.port, "--host-port": args.host_port, "--run-env": args.run_env,
     }
-    given = [name for name, value in flags.items() if value not in (None, [])]
+    health_flags = {"--health-path": args.health_path, "--health-tcp": args.health_tcp}
+    flags = {
+        "--app": args.app, **build_flags, "--source-path": args.source_path, "--server": args.server,
+        **run_flags, **health_flags,
+    }
+    given = [name for name, value in flags.items() if _given(value)]
     if args.file is not None:
         if given:
             raise UsageError(f"give FILE or flags, not both (got FILE and {', '.join(given)})")
         return _read_request_file(args.file)
-    missing = [name for name in ("--app", "--image", "--command") if flags[name] is None]
+    has_build = any(_given(value) for value in build_flags.values())
+    has_run = any(_given(value) for value in run_flags.values())
+    # Without a run the request is a one-off job, so it needs a build; with a run the build is optional.
+    required = ("--app", "--image", "--command") if has_build or not has_run else ("--app",)
+    missing = [name for name in required if flags[name] is None]
+    if missing and has_run and "--app" not in missing:
+        partial = [name for name, value in build_flags.items() if _given(value)]
+        raise UsageError(f"a build needs --image and --command (got {', '.join(partial)})")
     if missing:
         raise UsageError(f"without FILE, {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
-    build: dict[str, Any] = {"image": args.image, "command": args.command}
-    if args.env:
-        build["env"] = dict(_parse_env(item) for item in args.env)
-    if args.timeout is not None:
-        build["timeout_s"] = args.timeout
-    body: dict[str, Any] = {"application": args.app, "build": build}
+
+    body: dict[str, Any] = {"application": args.app}
     if args.server:
         body["server"] = args.server
     if args.source_path:
         # The agent resolves paths on its own host and from its own directory: send an absolute one.
         body["source"] = {"type": "path", "path": os.path.abspath(args.source_path)}
+    if has_build:
+        build: dict[str, Any] = {"image": args.image, "command": args.command}
+        if args.env:
+            build["env"] = dict(_parse_env(item, "--env") for item in args.env)
+        if args.timeout is not None:
+            build["timeout_s"] = args.timeout
+        body["build"] = build
+    if has_run:
+        body["run"] = _run_object(args, has_build=has_build)
+    health_flag = next((name for name, value in health_flags.items() if _given(value)), None)
+    if health_flag is not None:
+        if not has_run:
+            raise UsageError(f"{health_flag} checks a release: give --run-command, --run-image or --port too")
+        body["health_check"] = {"type": "tcp"} if args.health_tcp else {"type": "http", "path": args.health_path}
     return body
+
+
+def _run_object(args: argparse.Namespace, *, has_build: bool) -> dict[str, Any]:
+    """The request's `run` from the --run-* flags, holding only what was given."""
+    runtime = args.runtime or "container"
+    if runtime == "process" and args.run_command is None:
+        raise UsageError("--runtime process needs --run-command")
+    if runtime == "container" and args.run_image is None and not has_build:
+        raise UsageError("a container release needs a build (--image and --command) or --run-image")
+    run: dict[str, Any] = {}
+    if args.runtime is not None:
+        run["runtime"] = args.runtime
+    if args.run_image is not None:
+        run["image"] = args.run_image
+    if args.run_command is not None:
+        run["command"] = args.run_command  # a string: the agent runs it with /bin/sh -c
+    if args.port is not None:
+        run["port"] = args.port
+    if args.host_port is not None:
+        run["host_port"] = args.host_port
+    if args.run_env:
+        run["env"] = dict(_parse_env(item, "--run-env") for item in args.run_env)
+    return run
+
+
+def _given(value: Any) -> bool:
+    """Whether a flag was given: not its default None, [] (repeatable) or False (switch); 0 counts."""
+    return not (value is None or value is False or value == [])
 
 
 def _read_request_file(name: str) -> dict[str, Any]:
@@ -342,11 +446,31 @@ def _read_request_file(name: str) -> dict[str, Any]:
     return body
 
 
-def _parse_env(item: str) -> tuple[str, str]:
+def _parse_env(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise UsageError(f"--env {item!r}: expected KEY=VALUE")
+        raise UsageError(f"{flag} {item!r}: expected KEY=VALUE")
     return key, value
+
+
+def _report_new_deployment(
+    client: AgentClient, deployment: dict[str, Any], args: argparse.Namespace, *, note: str = ""
+) -> int:
+    """Prints a just-created deployment (`ID status` + note); with --wait or --follow, exits on its final status."""
+    if args.follow:
+        _stream(client.follow_logs(deployment["id"]))
+        final = _wait_for_final(client, deployment["id"])
+        # stdout holds the log; the verdict goes to stderr.
+        _print_verdict(final, as_json=args.json, stream=sys.stderr)
+        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
+    if args.wait:
+        if not args.json:
+            print(_summary(deployment) + note, flush=True)
+        final = _wait_for_final(client, deployment["id"])
+        _print_verdict(final, as_json=args.json, stream=sys.stdout)
+        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
+    print(_to_json(deployment) if args.json else _summary(deployment) + note)
+    return EXIT_OK
 
 
 def _wait_for_final(client: AgentClient, deployment_id: str) -> dict[str, Any]:
@@ -373,6 +497,29 @@ def _stream(chunks: Iterable[bytes]) -> None:
     for chunk in chunks:
         output.write(chunk)
         output.flush()
+
+
+def _print_table(items: Iterable[dict[str, Any]], columns: Sequence[str], keys: Sequence[str]) -> None:
+    rows = [tuple(columns)] + [tuple(_text(item.get(key)) for key in keys) for item in items]
+    widths = [max(len(row[index]) for row in rows) for index in range(len(columns))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_fields(record: dict[str, Any]) -> None:
+    """`key: value` lines, the values aligned."""
+    width = max((len(key) for key in record), default=0) + 1
+    for key, value in record.items():
+        print(f"{key + ':':<{width}} {_text(value)}")
+
+
+def _application_line(application: dict[str, Any], name: str) -> str:
+    """`web stopped`, or `web running (http://127.0.0.1:32768)` when it answers somewhere."""
+    line = f"{application.get('name') or name} {_text(application.get('state'))}"
+    url = application.get("url")
+    if application.get("state") == "running" and url:
+        line += f" ({url})"
+    return line
 
 
 def _summary(deployment: dict[str, Any]) -> str:

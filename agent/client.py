@@ -105,6 +105,22 @@ class AgentClient:
         """POST /v1/deployments/{id}/rollback; returns the new deployment."""
         return self._json("POST", _deployment_path(deployment_id, "rollback"))
 
+    def applications(self) -> dict[str, Any]:
+        """GET /v1/applications: `{"data": [application, ...]}`."""
+        return self._json("GET", "/v1/applications")
+
+    def application(self, name: str) -> dict[str, Any]:
+        """GET /v1/applications/{name}."""
+        return self._json("GET", _application_path(name))
+
+    def stop_application(self, name: str) -> dict[str, Any]:
+        """POST /v1/applications/{name}/stop; returns the application, now stopped."""
+        return self._json("POST", _application_path(name, "stop"))
+
+    def start_application(self, name: str) -> dict[str, Any]:
+        """POST /v1/applications/{name}/start; returns the application, now running."""
+        return self._json("POST", _application_path(name, "start"))
+
     def logs(self, deployment_id: str, tail: int | None = None, offset: int | None = None) -> bytes:
         """GET /v1/deployments/{id}/logs: the log so far, or its last `tail` lines, or from byte `offset`."""
         _, body = self._call("GET", _deployment_path(deployment_id, "logs"), query={"tail": tail, "offset": offset})
@@ -224,6 +240,11 @@ class AgentClient:
 
 def _deployment_path(deployment_id: str, action: str | None = None) -> str:
     path = "/v1/deployments/" + quote(deployment_id, safe="")
+    return f"{path}/{action}" if action else path
+
+
+def _application_path(name: str, action: str | None = None) -> str:
+    path = "/v1/applications/" + quote(name, safe="")
     return f"{path}/{action}" if action else path
 
 

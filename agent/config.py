@@ -58,6 +58,12 @@ class DockerSettings:
 
 
 @dataclass(frozen=True)
+class ReleaseSettings:
+    retention: int = 5  # release images kept per application, for rollbacks
+    drain_s: float = 2.0  # how long a replaced release keeps serving after the switch
+
+
+@dataclass(frozen=True)
 class TokenConfig:
     """One API token; only its SHA-256 digest is kept, so it cannot leak through repr or logs."""
 
@@ -80,6 +86,7 @@ class ServerConfig:
 class Config:
     agent: AgentSettings = AgentSettings()
     docker: DockerSettings = DockerSettings()
+    releases: ReleaseSettings = ReleaseSettings()
     tokens: tuple[TokenConfig, ...] = ()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
 
@@ -94,6 +101,16 @@ class Config:
     @property
     def workspaces_dir(self) -> Path:
         return self.agent.state_dir / "workspaces"
+
+    @property
+    def releases_dir(self) -> Path:
+        """Workspaces of host-process releases, one directory per deployment."""
+        return self.agent.state_dir / "releases"
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime files of host processes (pid and exit files)."""
+        return self.agent.state_dir / "run"
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -111,14 +128,24 @@ class Config:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> "Config":
         reader = _Reader()
-        reader.unknown(data, "", {"agent", "docker", "auth", "servers"})
+        reader.unknown(data, "", {"agent", "docker", "releases", "auth", "servers"})
         agent = _read_agent(reader, reader.table(data, "agent"), base_dir)
         docker = _read_docker(reader, reader.table(data, "docker"))
+        releases_table = reader.table(data, "releases")
+        reader.unknown(releases_table, "releases.", {"retention", "drain_s"})
+        drain = reader.typed(releases_table, "drain_s", "releases.drain_s", (int, float), ReleaseSettings.drain_s)
+        if drain < 0:
+            reader.problem("releases.drain_s", "must be 0 or more")
+            drain = ReleaseSettings.drain_s
+        releases = ReleaseSettings(
+            retention=reader.positive(releases_table, "retention", "releases.retention", ReleaseSettings.retention, (int,)),
+            drain_s=float(drain),
+        )
         tokens = _read_tokens(reader, reader.table(data, "auth"))
         servers = _read_servers(reader, reader.table(data, "servers"))
         if reader.problems:
             raise ConfigError(reader.problems)
-        return cls(agent=agent, docker=docker, tokens=tokens, servers=servers)
+        return cls(agent=agent, docker=docker, releases=releases, tokens=tokens, servers=servers)
 
 
 def parse_listen(value: str) -> Listen:

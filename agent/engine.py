@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from agent.models import (
     new_deployment_id,
     utc_now,
 )
+from agent.releases import ReleaseFailed, ReleaseManager
 from agent.runtimes.container import BuildJob, ContainerRuntime
+from agent.runtimes.process import ProcessRuntime
 from agent.store import Store
 from agent.workspace import prepare_workspace, remove_workspace
 
@@ -45,16 +48,26 @@ class RunningDeployment:
     application: str
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None  # "kill" or "shutdown" once someone asked it to stop
+    phase: str = "queued"
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Engine:
     """Accepts deployments, schedules them, runs them, and stops them on request."""
 
-    def __init__(self, config: Config, store: Store, runtime: ContainerRuntime, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runtime: ContainerRuntime,
+        metrics: Metrics | None = None,
+        processes: ProcessRuntime | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.runtime = runtime
+        self.processes = processes or ProcessRuntime(config.run_dir, kill_grace_s=config.agent.kill_grace_s)
+        self.releases = ReleaseManager(config, store, runtime, self.processes)
         self.metrics = metrics or Metrics()
         self.accepting = False
         self._running: dict[str, RunningDeployment] = {}
@@ -68,6 +81,8 @@ class Engine:
         """Reconciles what a previous run left behind, then starts scheduling."""
         self.config.logs_dir.mkdir(parents=True, exist_ok=True)
         self.config.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        self.config.releases_dir.mkdir(parents=True, exist_ok=True)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self.reconcile()
             self._reconciled = True
@@ -93,6 +108,7 @@ class Engine:
     async def reconcile(self) -> None:
         """Ends deployments a previous run left in progress and removes their containers."""
         interrupted = await self.store.with_status("building", "deploying")
+        await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])
         for deployment in interrupted:
             with structlog.contextvars.bound_contextvars(deployment_id=deployment.id):
                 removed = await self.runtime.stop_deployment(deployment.id, grace_s=0)
@@ -194,10 +210,61 @@ class Engine:
         """Removes a deployment's record, log file and workspace (not a running application)."""
         if deployment_id in self._running:
             raise Conflict(f"deployment {deployment_id} is in progress; kill it before deleting it", code="in_progress")
+        target = await self.store.get(deployment_id)
+        if target.release is not None:
+            try:
+                app = await self.store.get_application(target.application)
+            except NotFound:
+                app = None
+            if app is not None and app.deployment_id == deployment_id:
+                raise Conflict(
+                    f"deployment {deployment_id} is the current release of {target.application}; "
+                    "deploy another release first, or its running application would no longer be tracked",
+                    code="current_release",
+                )
         deployment = await self.store.delete(deployment_id)
         await asyncio.to_thread(_unlink, Path(deployment.log_path))
         await remove_workspace(self._workspace_of(deployment_id))
         logger.info("deployment deleted", deployment_id=deployment_id)
+
+    async def rollback(self, deployment_id: str) -> Deployment:
+        """Queues a new deployment that brings back the release of `deployment_id` (no build)."""
+        if not self.accepting:
+            raise Unavailable("the agent is shutting down and accepts no new deployments")
+        target = await self.store.get(deployment_id)
+        await self.releases.check_rollback_target(target)
+        spec = dataclasses.replace(target.spec, source=None, build=None)
+        new_id = new_deployment_id()
+        now = utc_now()
+        record = Deployment(
+            id=new_id,
+            application=target.application,
+            server=target.server,
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            log_path=str((self.config.logs_dir / f"{new_id}.log").resolve()),
+            spec=spec,
+            rollback_of=target.id,
+            release_image=target.release_image,
+            release_from=target.release_from or target.id,
+        )
+        deployment, _ = await self.store.insert(record, max_queued=self.config.agent.max_queued)
+        logger.info("rollback queued", deployment_id=new_id, rollback_of=target.id)
+        self._wakeup.set()
+        return deployment
+
+    async def list_applications(self) -> list[dict[str, Any]]:
+        return [await self.releases.application_json(app) for app in await self.store.list_applications()]
+
+    async def get_application(self, name: str) -> dict[str, Any]:
+        return await self.releases.application_json(await self.store.get_application(name))
+
+    async def stop_application(self, name: str) -> dict[str, Any]:
+        return await self.releases.application_json(await self.releases.stop_application(name))
+
+    async def start_application(self, name: str) -> dict[str, Any]:
+        return await self.releases.application_json(await self.releases.start_application(name))
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:
@@ -263,7 +330,7 @@ class Engine:
         spec = deployment.spec
         first = "building" if spec.build else ("deploying" if spec.run else "succeeded")
         try:
-            await self._set_status(deployment.id, first, stage="source" if spec.build else None)
+            await self._set_status(deployment.id, first, stage="source" if spec.build else ("release" if spec.run else None))
         except (Conflict, NotFound):
             # Killed or deleted between the scheduler's read and now: nothing to run.
             return
@@ -274,7 +341,17 @@ class Engine:
         outcome: str = "failed"
         try:
             log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
-            fields = await self._build(deployment, running, log)
+            fields: dict[str, Any] = {"pid": None, "stage": None}
+            image = deployment.release_image
+            if spec.build is not None:
+                running.phase = "building"
+                fields, image = await self._build(deployment, running, log)
+            if spec.run is not None:
+                if spec.build is not None:
+                    await self._set_status(deployment.id, "deploying", stage="release", pid=None)
+                running.phase = "deploying"
+                self._raise_if_stopped(running)
+                fields = {**fields, **await self.releases.deploy(deployment, log, image)}
             outcome = "succeeded"
             log.agent("done", "deployment succeeded")
             await self._set_status(deployment.id, "succeeded", **fields)
@@ -282,6 +359,12 @@ class Engine:
             outcome = await self._end_stopped(deployment, running, log)
         except _Stopped:
             outcome = await self._end_stopped(deployment, running, log)
+        except ReleaseFailed as failure:
+            log.agent("done", f"deployment failed: {failure.message}")
+            await self._set_status(
+                deployment.id, "failed", exit_code=failure.exit_code, smoke_test=failure.smoke_test,
+                error={"type": failure.error_type, "message": failure.message},
+            )
         except _BuildFailed as failure:
             log.agent("done", f"deployment failed: {failure.message}")
             await self._set_status(
@@ -298,12 +381,16 @@ class Engine:
                 deployment.id, "failed", error={"type": "internal_error", "message": f"internal error: {exc}"}
             )
         finally:
+            if spec.run is not None:
+                await self._prune_quietly(deployment.application, log)
             log.close()
             if spec.build is not None:
                 self.metrics.observe_build(time.monotonic() - started, outcome)
             await remove_workspace(self._workspace_of(deployment.id))
 
-    async def _build(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> dict[str, Any]:
+    async def _build(
+        self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog
+    ) -> tuple[dict[str, Any], str | None]:
         spec = deployment.spec
         assert spec.build is not None
         workspace = self._workspace_of(deployment.id)
@@ -334,7 +421,16 @@ class Engine:
             raise _BuildFailed("timeout", f"build timed out after {spec.build.timeout_s:g}s and was killed", result.exit_code)
         if result.exit_code != 0:
             raise _BuildFailed("build_failed", f"build command exited with code {result.exit_code}", result.exit_code)
-        return {"exit_code": result.exit_code, "pid": None, "stage": None}
+        if result.image is not None:
+            await self.store.update(deployment.id, release_image=result.image)
+        return {"exit_code": result.exit_code, "pid": None, "stage": None}, result.image
+
+    async def _prune_quietly(self, application: str, log: DeploymentLog) -> None:
+        # Retention is housekeeping: its failure must not change how the deployment ended.
+        try:
+            await self.releases.prune(application, log)
+        except AgentError as exc:
+            logger.warning("pruning old releases failed", application=application, error=exc.message)
 
     async def _end_stopped(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> str:
         if running.stop_reason == "kill":
@@ -355,6 +451,10 @@ class Engine:
         grace = self.config.agent.kill_grace_s
         logger.info("stopping deployment", deployment_id=running.deployment_id, reason=reason)
         await self.runtime.stop_deployment(running.deployment_id, grace)
+        if running.phase == "deploying" and running.task is not None and not running.done.is_set():
+            # A release being checked: cancelling the work removes it and restores the previous one.
+            running.task.cancel()
+            await running.done.wait()
         if running.task is not None and not running.done.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(running.done.wait()), timeout=2)

@@ -170,6 +170,11 @@ class Deployment:
     rollback_of: str | None = None
     error: Mapping[str, str] | None = None
     stage: str | None = None
+    # The started release (a ReleaseHandle as a dict), the image it runs from, and the
+    # deployment whose release artifacts it uses (itself, or the target of a rollback).
+    release: Mapping[str, Any] | None = None
+    release_image: str | None = None
+    release_from: str | None = None
     seq: int = 0
 
     @property
@@ -196,6 +201,7 @@ class Deployment:
             "error": self.error,
             "metadata": dict(self.spec.metadata),
             "stage": self.stage,
+            "release_image": self.release_image,
             "spec": self.spec.to_dict(),
         }
 
@@ -292,7 +298,7 @@ def parse_deployment_request(
     *,
     servers: frozenset[str] = frozenset(),
     default_build_timeout_s: float = 600.0,
-    supported: frozenset[str] = frozenset({"source", "build"}),
+    supported: frozenset[str] = frozenset({"source", "build", "run", "health_check"}),
 ) -> DeploymentSpec:
     """Validates a deployment request body; raises ValidationFailed naming every bad field.
 
@@ -326,6 +332,15 @@ def parse_deployment_request(
     health = _parse_health(top.get("health_check"), problems)
     if health is not None and run is None and "run" not in top:
         problems.add("health_check", "needs a run")
+    if run is not None and run.runtime == "container" and run.image is None and "build" not in top:
+        problems.add("run.image", "is required when there is no build to start the release from")
+    if (
+        health is not None and run is not None and run.runtime == "container"
+        and run.port is None and health.port is None
+    ):
+        problems.add("health_check.port", "is required when run.port is not set: there is nothing to check")
+    if run is not None and run.runtime == "process" and run.host_port is not None:
+        problems.add("run.host_port", "is only for container releases; a process listens on run.port")
     for feature in ("run", "health_check"):
         if top.get(feature) is not None and feature not in supported:
             problems.add(feature, "not supported yet")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -52,18 +53,34 @@ CREATE TABLE IF NOT EXISTS deployments (
     log_path        TEXT NOT NULL,
     spec            TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
-    request_hash    TEXT
+    request_hash    TEXT,
+    release         TEXT,
+    release_image   TEXT,
+    release_from    TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_status ON deployments (status, seq);
 CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, seq);
 CREATE INDEX IF NOT EXISTS deployments_updated ON deployments (updated_at);
+CREATE TABLE IF NOT EXISTS applications (
+    name            TEXT PRIMARY KEY,
+    deployment_id   TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    since           TEXT NOT NULL,
+    updated_at      TEXT NOT NULL
+);
 """
+
+# Columns added after the first release; databases created before get them on open.
+ADDED_COLUMNS = {"release": "TEXT", "release_image": "TEXT", "release_from": "TEXT"}
 
 # Columns other than status that callers may set; JSON ones are encoded on the way in.
 UPDATABLE = frozenset(
-    {"pid", "pid_started_at", "container_id", "exit_code", "url", "smoke_test", "error", "stage", "rollback_of"}
+    {
+        "pid", "pid_started_at", "container_id", "exit_code", "url", "smoke_test", "error", "stage", "rollback_of",
+        "release", "release_image", "release_from",
+    }
 )
-JSON_COLUMNS = frozenset({"smoke_test", "error"})
+JSON_COLUMNS = frozenset({"smoke_test", "error", "release"})
 
 
 class Store:
@@ -124,6 +141,20 @@ class Store:
     async def status_counts(self) -> dict[str, int]:
         return await self._call(self._status_counts)
 
+    async def succeeded_releases(self, application: str) -> list[Deployment]:
+        """Succeeded deployments of the application that started a release, newest first."""
+        return await self._call(self._succeeded_releases, application)
+
+    async def get_application(self, name: str) -> Application:
+        return await self._call(self._get_application, name)
+
+    async def list_applications(self) -> list[Application]:
+        return await self._call(self._list_applications)
+
+    async def set_application(self, name: str, deployment_id: str, state: str, *, keep_since: bool = False) -> Application:
+        """Records the application's current release and whether it runs."""
+        return await self._call(self._set_application, name, deployment_id, state, keep_since)
+
     # --- the store thread ------------------------------------------------------------------
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
@@ -145,6 +176,10 @@ class Store:
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=5000")
         connection.executescript(SCHEMA)
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(deployments)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                connection.execute(f"ALTER TABLE deployments ADD COLUMN {column} {kind}")
         self._connection = connection
 
     def _insert(
@@ -177,8 +212,9 @@ class Store:
                     raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
             cursor = db.execute(
                 """INSERT INTO deployments (id, application, server, status, created_at, updated_at, log_path,
-                                            spec, rollback_of, idempotency_key, request_hash)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                            spec, rollback_of, idempotency_key, request_hash, release_image,
+                                            release_from)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     deployment.id,
                     deployment.application,
@@ -191,6 +227,8 @@ class Store:
                     deployment.rollback_of,
                     idempotency_key,
                     request_hash,
+                    deployment.release_image,
+                    deployment.release_from,
                 ),
             )
             db.execute("COMMIT")
@@ -302,6 +340,45 @@ class Store:
         return counts
 
 
+    def _succeeded_releases(self, application: str) -> list[Deployment]:
+        rows = self._db.execute(
+            """SELECT * FROM deployments WHERE application = ? AND status = 'succeeded' AND release IS NOT NULL
+               ORDER BY seq DESC""",
+            (application,),
+        ).fetchall()
+        return [_row_to_deployment(row) for row in rows]
+
+    def _get_application(self, name: str) -> Application:
+        row = self._db.execute("SELECT * FROM applications WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"application {name} not found (it has no release)")
+        return Application(**dict(row))
+
+    def _list_applications(self) -> list[Application]:
+        return [Application(**dict(row)) for row in self._db.execute("SELECT * FROM applications ORDER BY name")]
+
+    def _set_application(self, name: str, deployment_id: str, state: str, keep_since: bool) -> Application:
+        now = utc_now()
+        self._db.execute(
+            f"""INSERT INTO applications (name, deployment_id, state, since, updated_at) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (name) DO UPDATE SET deployment_id = excluded.deployment_id, state = excluded.state,
+               {"" if keep_since else "since = excluded.since,"} updated_at = excluded.updated_at""",
+            (name, deployment_id, state, now, now),
+        )
+        return self._get_application(name)
+
+
+@dataclass(frozen=True)
+class Application:
+    """An application's current release: which deployment, and whether it runs."""
+
+    name: str
+    deployment_id: str
+    state: str  # "running" or "stopped"
+    since: str
+    updated_at: str
+
+
 def _row_to_deployment(row: sqlite3.Row) -> Deployment:
     return Deployment(
         id=row["id"],
@@ -323,5 +400,8 @@ def _row_to_deployment(row: sqlite3.Row) -> Deployment:
         rollback_of=row["rollback_of"],
         error=json.loads(row["error"]) if row["error"] else None,
         stage=row["stage"],
+        release=json.loads(row["release"]) if row["release"] else None,
+        release_image=row["release_image"],
+        release_from=row["release_from"],
         seq=row["seq"],
     )

@@ -46,6 +46,22 @@ def deployment(deployment_id: str, status: str = "queued", **fields: Any) -> dic
     return record
 
 
+def application(name: str, state: str = "running", **fields: Any) -> dict[str, Any]:
+    record = {
+        "name": name,
+        "current_deployment_id": f"dep_{name}_1",
+        "state": state,
+        "url": "http://127.0.0.1:32768" if state == "running" else None,
+        "since": "2026-11-22T12:00:02.000Z",
+        "runtime": "container",
+        "container_id": "c0ffee" if state == "running" else None,
+        "pid": 4242 if state == "running" else None,
+        "updated_at": "2026-11-22T12:00:02.000Z",
+    }
+    record.update(fields)
+    return record
+
+
 class FakeAgent:
     """Just enough of the HTTP contract to drive the CLI; records what it was sent."""
 
@@ -57,6 +73,10 @@ class FakeAgent:
         self.log_chunks: list[bytes] = [b"step 1\n", b"step 2\n", b"done\n"]
         self.chunk_delay_s = 0.0
         self.release_second_chunk: threading.Event | None = None
+        self.applications: dict[str, dict[str, Any]] = {
+            "web": application("web"),
+            "api-server": application("api-server", "stopped", url=None, since="2026-11-22T12:09:00.000Z"),
+        }
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.record_and_authenticate])
@@ -68,6 +88,10 @@ class FakeAgent:
         app.router.add_post("/v1/deployments/{id}/kill", self.kill)
         app.router.add_post("/v1/deployments/{id}/rollback", self.rollback)
         app.router.add_get("/v1/deployments/{id}/logs", self.logs)
+        app.router.add_get("/v1/applications", self.list_applications)
+        app.router.add_get("/v1/applications/{name}", self.get_application)
+        app.router.add_post("/v1/applications/{name}/stop", self.stop_application)
+        app.router.add_post("/v1/applications/{name}/start", self.start_application)
         return app
 
     @web.middleware
@@ -89,6 +113,9 @@ class FakeAgent:
             return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
         if deployment_id == "dep_missing":
             return envelope(404, "not_found", "deployment dep_missing not found")
+        name = request.match_info.get("name")
+        if name is not None and name not in self.applications:
+            return envelope(404, "not_found", f"application {name} not found")
         return await handler(request)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -124,6 +151,9 @@ class FakeAgent:
         return web.json_response(deployment(request.match_info["id"], "building"), status=202)
 
     async def rollback(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] == "dep_pruned":
+            return envelope(409, "conflict", "deployment dep_pruned has no release to return to: its image was pruned")
+        self.statuses.setdefault("dep_rb", ["queued"])
         return web.json_response(deployment("dep_rb", "queued", rollback_of=request.match_info["id"]), status=201)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -147,6 +177,27 @@ class FakeAgent:
             await response.write(chunk)
         await response.write_eof()
         return response
+
+
+    async def list_applications(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": list(self.applications.values())})
+
+    async def get_application(self, request: web.Request) -> web.Response:
+        return web.json_response(self.applications[request.match_info["name"]])
+
+    async def stop_application(self, request: web.Request) -> web.Response:
+        return self.change_state(request.match_info["name"], "stopped", url=None)
+
+    async def start_application(self, request: web.Request) -> web.Response:
+        return self.change_state(request.match_info["name"], "running", url="http://127.0.0.1:32769")
+
+    def change_state(self, name: str, state: str, url: str | None) -> web.Response:
+        record = self.applications[name]
+        if record["state"] == state:
+            verb = "stop" if state == "stopped" else "start"
+            return envelope(409, "conflict", f"application {name} has nothing to {verb}: it is already {state}")
+        record.update(state=state, url=url, since="2026-11-22T13:00:00.000Z")
+        return web.json_response(record, status=202)
 
 
 @contextmanager
@@ -438,6 +489,14 @@ def test_submit_from_file_and_stdin(
         (["request.json", "--app", "web"], "error: give FILE or flags, not both (got FILE and --app)"),
         (["missing.json"], "error: missing.json: cannot read: No such file or directory"),
         (["--app", "w", "--image", "i", "--command", "c", "--env", "NOVALUE"], "error: --env 'NOVALUE': expected KEY=VALUE"),
+        (["--app", "w", "--run-image", "i", "--run-env", "NOVALUE"], "error: --run-env 'NOVALUE': expected KEY=VALUE"),
+        (["request.json", "--port", "80", "--health-tcp"], "error: give FILE or flags, not both (got FILE and --port, --health-tcp)"),
+        (["--run-image", "nginx"], "error: without FILE, --app is required"),
+        (["--app", "w", "--run-image", "nginx", "--env", "A=1"], "error: a build needs --image and --command (got --env)"),
+        (["--app", "w", "--port", "80"], "error: a container release needs a build (--image and --command) or --run-image"),
+        (["--app", "w", "--runtime", "process"], "error: --runtime process needs --run-command"),
+        (["--app", "w", "--image", "i", "--command", "c", "--health-path", "/"],
+         "error: --health-path checks a release: give --run-command, --run-image or --port too"),
     ],
 )
 def test_submit_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
@@ -560,6 +619,192 @@ def test_kill_rm_rollback(agent_url: str, fake_agent: FakeAgent, capsys: pytest.
         "dep_01 deleted",
         "dep_rb queued (rollback of dep_01)",
     ]
+
+
+def test_submit_with_release_flags(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """Build and --run-*/--port/--health-path flags make `build`, `run` and an http `health_check` in the body."""
+    code = run_cli(
+        "submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "local/busybox",
+        "--command", "echo hi > /workspace/index.html", "--run-command", "httpd -f -p 8080 -h /workspace",
+        "--runtime", "container", "--port", "8080", "--host-port", "18080", "--run-env", "MODE=prod",
+        "--run-env", "X=a=b", "--health-path", "/healthz",
+    )
+    assert code == 0
+    assert capsys.readouterr().out == "dep_new queued\n"
+    assert fake_agent.requests[-1]["json"] == {
+        "application": "web",
+        "build": {"image": "local/busybox", "command": "echo hi > /workspace/index.html"},
+        "run": {
+            "runtime": "container",
+            "command": "httpd -f -p 8080 -h /workspace",
+            "port": 8080,
+            "host_port": 18080,
+            "env": {"MODE": "prod", "X": "a=b"},
+        },
+        "health_check": {"type": "http", "path": "/healthz"},
+    }
+
+
+def test_submit_release_without_build(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run image needs no build: the body has `run` and a tcp `health_check` but no `build`."""
+    code = run_cli(
+        "submit", "--url", agent_url, "--token", TOKEN, "--app", "cache", "--run-image", "redis:7", "--port", "6379",
+        "--health-tcp",
+    )
+    assert code == 0
+    assert fake_agent.requests[-1]["json"] == {
+        "application": "cache",
+        "run": {"image": "redis:7", "port": 6379},
+        "health_check": {"type": "tcp"},
+    }
+
+
+def test_submit_process_release(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """--runtime process with --run-command sends a process run; the command stays one /bin/sh -c string."""
+    code = run_cli(
+        "submit", "--url", agent_url, "--token", TOKEN, "--app", "worker", "--runtime", "process",
+        "--run-command", "python3 -m http.server $PORT", "--run-env", "PORT=9000", "--port", "9000",
+    )
+    assert code == 0
+    assert fake_agent.requests[-1]["json"] == {
+        "application": "worker",
+        "run": {"runtime": "process", "command": "python3 -m http.server $PORT", "port": 9000, "env": {"PORT": "9000"}},
+    }
+
+
+def test_submit_health_flags_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    """--health-path and --health-tcp together are an argparse usage error, exit 2."""
+    assert run_cli("submit", "--app", "w", "--run-image", "i", "--health-path", "/", "--health-tcp") == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_rollback_conflict(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 409 from rollback (no release to return to) prints the agent's reason and exits 1, even with --wait."""
+    assert run_cli("rollback", "dep_pruned", "--wait", "--url", agent_url, "--token", TOKEN) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: deployment dep_pruned has no release to return to: its image was pruned\n"
+    assert captured.out == ""
+
+
+def test_rollback_wait_succeeds(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """rollback --wait polls the new deployment and exits 0 when it succeeds."""
+    fake_agent.statuses["dep_rb"] = ["queued", "deploying", "succeeded"]
+    assert run_cli("rollback", "dep_01", "--wait", "--url", agent_url, "--token", TOKEN) == 0
+    assert capsys.readouterr().out.splitlines() == ["dep_rb queued (rollback of dep_01)", "dep_rb succeeded"]
+    assert fake_agent.requests[-1]["path"] == "/v1/deployments/dep_rb"
+
+
+def test_rollback_wait_fails(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """rollback --wait exits 1 when the new deployment fails, printing its error."""
+    fake_agent.statuses["dep_rb"] = ["queued", "deploying", "failed"]
+    fake_agent.errors["dep_rb"] = {"type": "health_check_failed", "message": "health check never passed"}
+    assert run_cli("rollback", "dep_01", "--wait", "--url", agent_url, "--token", TOKEN) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "dep_rb queued (rollback of dep_01)",
+        "dep_rb failed: health check never passed",
+    ]
+
+
+def test_rollback_wait_json(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """rollback --wait --json prints only the final deployment as JSON."""
+    fake_agent.statuses["dep_rb"] = ["queued", "succeeded"]
+    assert run_cli("rollback", "dep_01", "--wait", "--json", "--url", agent_url, "--token", TOKEN) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
+
+
+def test_rollback_follow(agent_url: str, fake_agent: FakeAgent, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """rollback --follow streams the new deployment's log, then exits on its status like submit --follow."""
+    fake_agent.statuses["dep_rb"] = ["succeeded"]
+    assert run_cli("rollback", "dep_01", "--follow", "--url", agent_url, "--token", TOKEN) == 0
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"step 1\nstep 2\ndone\n"
+    assert captured.err == b"dep_rb succeeded\n"
+    assert any(request["path"] == "/v1/deployments/dep_rb/logs" for request in fake_agent.requests)
+
+
+def test_rollback_wait_and_follow_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    """rollback --wait --follow is a usage error, exit 2."""
+    assert run_cli("rollback", "dep_01", "--wait", "--follow") == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_apps_table(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """apps prints NAME, STATE, DEPLOYMENT, URL, SINCE in aligned columns; a null URL is `-`."""
+    assert run_cli("apps", "--url", agent_url, "--token", TOKEN) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "STATE", "DEPLOYMENT", "URL", "SINCE"]
+    assert lines[1].split() == ["web", "running", "dep_web_1", "http://127.0.0.1:32768", "2026-11-22T12:00:02.000Z"]
+    assert lines[2].split() == ["api-server", "stopped", "dep_api-server_1", "-", "2026-11-22T12:09:00.000Z"]
+    assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("stopped")
+    assert lines[0].index("URL") == lines[1].index("http:") == lines[2].index("-  ")
+    assert fake_agent.requests[-1]["method"] == "GET" and fake_agent.requests[-1]["path"] == "/v1/applications"
+
+
+def test_apps_json(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """apps --json prints the agent's answer as is."""
+    assert run_cli("apps", "--json", "--url", agent_url, "--token", TOKEN) == 0
+    assert json.loads(capsys.readouterr().out) == {"data": list(fake_agent.applications.values())}
+
+
+def test_apps_show_one(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """apps NAME prints one application as `key: value` lines; --json prints its object."""
+    assert run_cli("apps", "api-server", "--url", agent_url, "--token", TOKEN) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()}
+    assert lines["name"] == "api-server" and lines["state"] == "stopped"
+    assert lines["current_deployment_id"] == "dep_api-server_1" and lines["url"] == "-" and lines["pid"] == "-"
+    assert fake_agent.requests[-1]["path"] == "/v1/applications/api-server"
+    assert run_cli("apps", "web", "--json", "--url", agent_url, "--token", TOKEN) == 0
+    assert json.loads(capsys.readouterr().out) == application("web")
+
+
+def test_apps_unknown_is_an_error(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """apps NAME for an unknown application prints the 404 message and exits 1."""
+    assert run_cli("apps", "nope", "--url", agent_url, "--token", TOKEN) == 1
+    assert capsys.readouterr() == ("", "error: application nope not found\n")
+
+
+def test_stop_and_start(agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """stop prints `APP stopped`, start prints `APP running (url)`; both POST to the application's path."""
+    assert run_cli("stop", "web", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["method"] == "POST" and fake_agent.requests[-1]["path"] == "/v1/applications/web/stop"
+    assert run_cli("start", "web", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["method"] == "POST" and fake_agent.requests[-1]["path"] == "/v1/applications/web/start"
+    assert capsys.readouterr().out.splitlines() == ["web stopped", "web running (http://127.0.0.1:32769)"]
+
+
+def test_stop_json(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """stop --json prints the application object the agent returned."""
+    assert run_cli("stop", "web", "--json", "--url", agent_url, "--token", TOKEN) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["name"], answer["state"], answer["url"]) == ("web", "stopped", None)
+
+
+@pytest.mark.parametrize(
+    ("command", "app", "message"),
+    [
+        ("stop", "api-server", "error: application api-server has nothing to stop: it is already stopped"),
+        ("start", "web", "error: application web has nothing to start: it is already running"),
+        ("stop", "nope", "error: application nope not found"),
+        ("start", "nope", "error: application nope not found"),
+    ],
+)
+def test_stop_start_errors(agent_url: str, capsys: pytest.CaptureFixture[str], command: str, app: str, message: str) -> None:
+    """A 409 (nothing to stop/start) or 404 (unknown application) is one error line and exit 1."""
+    assert run_cli(command, app, "--url", agent_url, "--token", TOKEN) == 1
+    assert capsys.readouterr() == ("", message + "\n")
+
+
+def test_client_application_methods(agent_url: str) -> None:
+    """AgentClient's application methods return the agent's objects and raise ClientError with the status."""
+    client = AgentClient(agent_url, TOKEN)
+    assert [item["name"] for item in client.applications()["data"]] == ["web", "api-server"]
+    assert client.application("web")["state"] == "running"
+    assert client.stop_application("web")["state"] == "stopped"
+    assert client.start_application("web")["state"] == "running"
+    with pytest.raises(ClientError) as caught:
+        client.start_application("web")
+    assert (caught.value.status, caught.value.error_type) == (409, "conflict")
 
 
 def test_health(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,12 +63,27 @@ def test_body_must_be_an_object() -> None:
 
 
 def test_unsupported_features_are_refused_clearly() -> None:
-    """run and health_check are accepted by the schema but refused as not supported yet."""
+    """A configured remote server is accepted by the schema but refused as not supported yet."""
     with pytest.raises(ValidationFailed) as caught:
-        parse_deployment_request({"application": "web", "run": {"command": "x"}, "health_check": {}})
-    messages = {p["field"]: p["message"] for p in caught.value.problems}
-    assert messages["run"] == "not supported yet"
-    assert messages["health_check"] == "not supported yet"
+        parse_deployment_request({"application": "web", "server": "edge-1"}, servers=frozenset({"edge-1"}))
+    assert {p["field"]: p["message"] for p in caught.value.problems} == {
+        "server": "remote servers are not supported yet"
+    }
+
+
+def test_release_needs_something_to_run() -> None:
+    """A container release needs a build or run.image; a process release needs a command."""
+    assert fields_of({"application": "a", "run": {"port": 80}}) == {"run.image"}
+    assert fields_of({"application": "a", "run": {"runtime": "process"}}) == {"run.command"}
+    assert fields_of({"application": "a", "health_check": {"type": "http"}}) == {"health_check"}
+    assert fields_of(
+        {"application": "a", "run": {"runtime": "process", "command": "x", "host_port": 80}}
+    ) == {"run.host_port"}
+    spec = parse_deployment_request(
+        {"application": "a", "run": {"image": "local/busybox", "command": ["httpd"], "port": 8080},
+         "health_check": {"type": "tcp", "stable_s": 0}}
+    )
+    assert spec.run is not None and spec.run.port == 8080 and spec.health_check is not None
 
 
 def test_git_source_rejects_option_injection() -> None:

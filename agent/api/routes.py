@@ -11,7 +11,7 @@ from agent.api.auth import READ_SCOPE, WRITE_SCOPE, requires
 from agent.api.context import engine_of
 from agent.api.log_stream import get_logs
 from agent.api.params import idempotency_key, parse_list_query, read_json, request_hash
-from agent.errors import Unavailable, ValidationFailed
+from agent.errors import Unavailable
 from agent.metrics import CONTENT_TYPE_LATEST
 from agent.models import parse_deployment_request
 
@@ -28,6 +28,10 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/deployments/{id}/logs", get_logs, allow_head=False)
     router.add_post("/v1/deployments/{id}/kill", kill_deployment)
     router.add_post("/v1/deployments/{id}/rollback", rollback_deployment)
+    router.add_get("/v1/applications", list_applications, allow_head=False)
+    router.add_get("/v1/applications/{name}", get_application, allow_head=False)
+    router.add_post("/v1/applications/{name}/stop", stop_application)
+    router.add_post("/v1/applications/{name}/start", start_application)
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics, allow_head=False)
 
@@ -76,10 +80,32 @@ async def kill_deployment(request: web.Request) -> web.Response:
 
 @requires(WRITE_SCOPE)
 async def rollback_deployment(request: web.Request) -> web.Response:
-    await engine_of(request).get(request.match_info["id"])  # 404 for an unknown id comes first
-    error = ValidationFailed([], "rollback is not supported yet")
-    error.code = "not_supported"
-    raise error
+    """201 + a new deployment that brings back the release of {id}."""
+    deployment = await engine_of(request).rollback(request.match_info["id"])
+    return web.json_response(
+        deployment.to_json(), status=201, headers={"Location": f"/v1/deployments/{deployment.id}"}
+    )
+
+
+@requires(READ_SCOPE)
+async def list_applications(request: web.Request) -> web.Response:
+    """Every application with a release: its current deployment, url, and since when."""
+    return web.json_response({"data": await engine_of(request).list_applications()})
+
+
+@requires(READ_SCOPE)
+async def get_application(request: web.Request) -> web.Response:
+    return web.json_response(await engine_of(request).get_application(request.match_info["name"]))
+
+
+@requires(WRITE_SCOPE)
+async def stop_application(request: web.Request) -> web.Response:
+    return web.json_response(await engine_of(request).stop_application(request.match_info["name"]), status=202)
+
+
+@requires(WRITE_SCOPE)
+async def start_application(request: web.Request) -> web.Response:
+    return web.json_response(await engine_of(request).start_application(request.match_info["name"]), status=202)
 
 
 @requires(WRITE_SCOPE)

@@ -130,6 +130,26 @@ class FakeEngine:
         self.set_status(deployment_id, "cancelled")
         return self.deployments[deployment_id]
 
+    async def rollback(self, deployment_id: str) -> Deployment:
+        target = await self.get(deployment_id)
+        if target.status != "succeeded":
+            raise Conflict(f"deployment {deployment_id} never put a release into service", code="no_release")
+        return self.add(application=target.application, rollback_of=target.id)
+
+    async def list_applications(self) -> list[dict[str, Any]]:
+        return [{"name": "web", "state": "running"}]
+
+    async def get_application(self, name: str) -> dict[str, Any]:
+        if name != "web":
+            raise NotFound(f"application {name} not found")
+        return {"name": "web", "state": "running"}
+
+    async def stop_application(self, name: str) -> dict[str, Any]:
+        return {**await self.get_application(name), "state": "stopped"}
+
+    async def start_application(self, name: str) -> dict[str, Any]:
+        return await self.get_application(name)
+
     async def delete(self, deployment_id: str) -> None:
         deployment = await self.get(deployment_id)
         if deployment.status in ("building", "deploying"):
@@ -454,12 +474,31 @@ async def test_kill_is_202_then_409_once_final(client: TestClient, engine: FakeE
     await envelope_of(again, 409, "conflict")
 
 
-async def test_rollback_is_not_supported_yet(client: TestClient, engine: FakeEngine) -> None:
-    """Rollback of an existing deployment is a 422 saying it is not supported yet."""
+async def test_rollback_is_201_with_a_new_deployment_or_409(client: TestClient, engine: FakeEngine) -> None:
+    """Rollback of a succeeded deployment is 201 + a new deployment; of a failed one 409."""
     deployment = engine.add(status="succeeded")
     response = await client.post(f"/v1/deployments/{deployment.id}/rollback", headers=auth(WRITER))
-    body = await envelope_of(response, 422, "validation_failed")
-    assert body["error"]["message"] == "rollback is not supported yet"
+    assert response.status == 201
+    body = await response.json()
+    assert body["rollback_of"] == deployment.id and body["id"] != deployment.id
+    assert response.headers["Location"] == f"/v1/deployments/{body['id']}"
+    failed = engine.add(status="failed")
+    refused = await client.post(f"/v1/deployments/{failed.id}/rollback", headers=auth(WRITER))
+    await envelope_of(refused, 409, "conflict")
+    missing = await client.post("/v1/deployments/dep_nope/rollback", headers=auth(WRITER))
+    await envelope_of(missing, 404, "not_found")
+
+
+async def test_application_routes(client: TestClient, engine: FakeEngine) -> None:
+    """Applications: list and get need read; stop and start need write and answer 202."""
+    listed = await client.get("/v1/applications", headers=auth(READER))
+    assert listed.status == 200 and (await listed.json())["data"][0]["name"] == "web"
+    await envelope_of(await client.get("/v1/applications/nope", headers=auth(READER)), 404, "not_found")
+    await envelope_of(await client.post("/v1/applications/web/stop", headers=auth(READER)), 403, "forbidden")
+    stopped = await client.post("/v1/applications/web/stop", headers=auth(WRITER))
+    assert stopped.status == 202 and (await stopped.json())["state"] == "stopped"
+    started = await client.post("/v1/applications/web/start", headers=auth(WRITER))
+    assert started.status == 202 and (await started.json())["state"] == "running"
 
 
 async def test_delete_is_204_and_409_while_in_progress(client: TestClient, engine: FakeEngine) -> None:

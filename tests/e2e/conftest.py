@@ -31,7 +31,7 @@ def free_port() -> int:
 class AgentProcess:
     """One deploy-agent daemon started with `deploy-agent run --config`."""
 
-    def __init__(self, state_dir: Path, **agent_settings: Any) -> None:
+    def __init__(self, state_dir: Path, releases: dict[str, Any] | None = None, **agent_settings: Any) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,6 +42,7 @@ class AgentProcess:
         lines = ["[agent]", f'listen = "127.0.0.1:{self.port}"', f'state_dir = "{state_dir}"']
         lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
         lines += ["", "[docker]", 'build_memory = "256m"', "build_cpus = 1.0", "build_pids = 256", ""]
+        lines += ["[releases]"] + [f"{k} = {json.dumps(v)}" for k, v in {"drain_s": 1, **(releases or {})}.items()] + [""]
         for name, token, scopes in (
             ("admin", ADMIN_TOKEN, ["admin"]),
             ("reader", READ_TOKEN, ["deployments:read"]),

@@ -1,0 +1,375 @@
+"""Releases: start a deployment's release, check it, promote it, and keep the old one until then.
+
+The previous release of an application is stopped only after the new one
+passes its health check. With a fixed host port the two cannot overlap: the old
+one is stopped first and started again if the new one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import Config
+from agent.errors import Conflict, NotFound
+from agent.health import HealthTarget, ReleaseUnhealthy, check_release
+from agent.logs import DeploymentLog
+from agent.models import Deployment
+from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec
+from agent.runtimes.container import ContainerRuntime
+from agent.runtimes.process import ProcessRuntime
+from agent.store import Application, Store
+from agent.workspace import prepare_workspace, remove_workspace
+
+logger = structlog.get_logger("agent.releases")
+
+STAGE = "release"
+LAST_OUTPUT_LINES = 10
+
+
+class ReleaseFailed(Exception):
+    """The new release did not get healthy; the previous one keeps serving."""
+
+    def __init__(self, error_type: str, message: str, *, exit_code: int | None, smoke_test: dict[str, Any] | None):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.exit_code = exit_code
+        self.smoke_test = smoke_test
+
+
+class ReleaseManager:
+    """Puts releases into service and takes them out, one application at a time."""
+
+    def __init__(self, config: Config, store: Store, containers: ContainerRuntime, processes: ProcessRuntime) -> None:
+        self.config = config
+        self.store = store
+        self.containers = containers
+        self.processes = processes
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, application: str) -> asyncio.Lock:
+        return self._locks.setdefault(application, asyncio.Lock())
+
+    def runtime_of(self, runtime: str) -> ReleaseRuntime:
+        return self.processes if runtime == "process" else self.containers
+
+    # --- deploying -------------------------------------------------------------------------
+
+    async def deploy(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> dict[str, Any]:
+        """Starts, checks and promotes the release; returns the deployment's fields on success."""
+        run = deployment.spec.run
+        assert run is not None
+        async with self.lock(deployment.application):
+            spec = await self._release_spec(deployment, log, image)
+            runtime = self.runtime_of(run.runtime)
+            previous = await self._current_release(deployment.application)
+            fixed_port = run.host_port if run.runtime == "container" else run.port
+            stopped_previous = False
+            if previous is not None and fixed_port is not None and fixed_port in previous[1].ports.values():
+                log.agent(STAGE, f"stopping the previous release {previous[0].id} to free host port {fixed_port}")
+                await self.runtime_of(previous[1].runtime).stop_release(previous[1], self.config.agent.kill_grace_s)
+                stopped_previous = True
+            handle: ReleaseHandle | None = None
+            try:
+                handle = await runtime.start_release(spec, log)
+                url = _url_of(handle, run.port)
+                await self.store.update(
+                    deployment.id, release=handle.to_dict(), pid=handle.pid, pid_started_at=handle.pid_started_at,
+                    container_id=handle.container_id, url=url, stage="health",
+                )
+                log.agent(STAGE, f"release started{f' at {url}' if url else ''}")
+                started = handle
+                smoke_test = await check_release(
+                    deployment.spec.health_check,
+                    _health_target(handle, deployment),
+                    lambda: runtime.release_state(started),
+                    log,
+                )
+            except BaseException as exc:
+                await asyncio.shield(self._undo(deployment, runtime, handle, previous, stopped_previous, log))
+                if isinstance(exc, ReleaseUnhealthy):
+                    raise await self._failure(exc, runtime, handle) from None
+                raise
+            # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
+            await self.store.set_application(deployment.application, deployment.id, "running")
+            log.agent(STAGE, "the new release is in service")
+            if previous is not None:
+                if not stopped_previous and self.config.releases.drain_s:
+                    log.agent(STAGE, f"draining the previous release {previous[0].id} for {self.config.releases.drain_s:g}s")
+                    await asyncio.sleep(self.config.releases.drain_s)
+                log.agent(STAGE, f"removing the previous release {previous[0].id}")
+                await self.runtime_of(previous[1].runtime).remove_release(previous[1], self.config.agent.kill_grace_s)
+                await self.store.update(previous[0].id, pid=None)
+            return {
+                "pid": handle.pid, "pid_started_at": handle.pid_started_at, "container_id": handle.container_id,
+                "url": url, "smoke_test": smoke_test, "release": handle.to_dict(), "release_image": spec.image or image,
+                "stage": None,
+            }
+
+    async def _undo(
+        self,
+        deployment: Deployment,
+        runtime: ReleaseRuntime,
+        handle: ReleaseHandle | None,
+        previous: tuple[Deployment, ReleaseHandle] | None,
+        stopped_previous: bool,
+        log: DeploymentLog,
+    ) -> None:
+        """Removes a release that will not be promoted and brings back the one it displaced."""
+        if handle is not None:
+            await runtime.remove_release(handle, self.config.agent.kill_grace_s)
+            await self.store.update(deployment.id, pid=None, stage=None)
+            log.agent(STAGE, "the new release was stopped and removed")
+        if previous is not None and stopped_previous:
+            old, old_handle = previous
+            log.agent(STAGE, f"starting the previous release {old.id} again")
+            await self.resume(old, old_handle)
+        elif previous is not None:
+            log.agent(STAGE, f"the previous release {previous[0].id} keeps serving")
+
+    async def _failure(
+        self, exc: ReleaseUnhealthy, runtime: ReleaseRuntime, handle: ReleaseHandle | None
+    ) -> ReleaseFailed:
+        message = exc.message
+        if exc.exit_code is not None or (exc.smoke_test is None or not exc.smoke_test.get("passed")):
+            lines = await runtime.last_output(handle, LAST_OUTPUT_LINES) if handle is not None else []
+            if lines and exc.exit_code is not None:
+                message += "; last output: " + " | ".join(line.strip() for line in lines[-5:])
+        error_type = "release_exited" if exc.exit_code is not None else "health_check_failed"
+        return ReleaseFailed(error_type, message, exit_code=exc.exit_code, smoke_test=exc.smoke_test)
+
+    async def _release_spec(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> ReleaseSpec:
+        run = deployment.spec.run
+        assert run is not None
+        health = deployment.spec.health_check
+        ports = [run.port] if run.port else []
+        if health is not None and health.port and health.port not in ports:
+            ports.append(health.port)
+        env = dict(run.env)
+        workdir = None
+        if run.runtime == "process":
+            workdir = await self._process_workdir(deployment, log, image)
+            if not ports:
+                ports = [_free_port()]
+            env.setdefault("PORT", str(ports[0]))
+        return ReleaseSpec(
+            deployment_id=deployment.id,
+            application=deployment.application,
+            runtime=run.runtime,
+            command=run.command,
+            env=env,
+            log_path=Path(deployment.log_path),
+            ports=tuple(ports),
+            image=(run.image or image) if run.runtime == "container" else None,
+            host_port=run.host_port,
+            bind=run.bind,
+            workdir=workdir,
+        )
+
+    async def _process_workdir(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> Path:
+        """The directory a host process runs in: the built workspace, the source, or a rollback's."""
+        workdir = self.config.releases_dir / deployment.id
+        await remove_workspace(workdir)
+        origin = deployment.release_from
+        if image is not None and image.startswith("deploy-agent/"):
+            log.agent(STAGE, f"copying the built workspace out of {image}")
+            await self.containers.copy_workspace_out(image, workdir)
+        elif origin is not None and origin != deployment.id:
+            source = self.config.releases_dir / origin
+            log.agent(STAGE, f"copying the workspace of {origin}")
+            await asyncio.to_thread(shutil.copytree, source, workdir, symlinks=True)
+        else:
+            await prepare_workspace(deployment.spec.source, workdir, log)
+        return workdir
+
+    async def _current_release(self, application: str) -> tuple[Deployment, ReleaseHandle] | None:
+        try:
+            app = await self.store.get_application(application)
+            current = await self.store.get(app.deployment_id)
+        except NotFound:
+            return None
+        if app.state != "running" or current.release is None:
+            return None
+        return current, ReleaseHandle.from_dict(current.release)
+
+    # --- applications ----------------------------------------------------------------------
+
+    async def resume(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseHandle:
+        """Starts a stopped release of `deployment` again and records its new handle."""
+        runtime = self.runtime_of(handle.runtime)
+        spec = await self._resume_spec(deployment, handle)
+        with DeploymentLog(Path(deployment.log_path)) as log:
+            new_handle = await runtime.resume_release(handle, spec, log)
+        run = deployment.spec.run
+        await self.store.update(
+            deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
+            container_id=new_handle.container_id, url=_url_of(new_handle, run.port if run else None),
+        )
+        return new_handle
+
+    async def _resume_spec(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseSpec:
+        run = deployment.spec.run
+        assert run is not None
+        env = dict(run.env)
+        ports = tuple(handle.ports)
+        if handle.runtime == "process" and ports:
+            env.setdefault("PORT", str(ports[0]))
+        return ReleaseSpec(
+            deployment_id=deployment.id, application=deployment.application, runtime=handle.runtime,
+            command=run.command, env=env, log_path=Path(deployment.log_path), ports=ports,
+            image=deployment.release_image, host_port=run.host_port, bind=run.bind,
+            workdir=self.config.releases_dir / deployment.id if handle.runtime == "process" else None,
+        )
+
+    async def stop_application(self, name: str) -> Application:
+        lock = self.lock(name)
+        if lock.locked():
+            raise Conflict(f"a deployment of {name} is being put into service; try again when it is done")
+        async with lock:
+            app = await self.store.get_application(name)
+            if app.state != "running":
+                raise Conflict(f"application {name} is already stopped", code="already_stopped")
+            deployment = await self.store.get(app.deployment_id)
+            if deployment.release is not None:
+                handle = ReleaseHandle.from_dict(deployment.release)
+                await self.runtime_of(handle.runtime).stop_release(handle, self.config.agent.kill_grace_s)
+            await self.store.update(deployment.id, pid=None)
+            logger.info("application stopped", application=name, deployment_id=deployment.id)
+            return await self.store.set_application(name, deployment.id, "stopped")
+
+    async def start_application(self, name: str) -> Application:
+        lock = self.lock(name)
+        if lock.locked():
+            raise Conflict(f"a deployment of {name} is being put into service; try again when it is done")
+        async with lock:
+            app = await self.store.get_application(name)
+            if app.state == "running":
+                raise Conflict(f"application {name} is already running", code="already_running")
+            deployment = await self.store.get(app.deployment_id)
+            if deployment.release is None:
+                raise Conflict(f"application {name} has no release to start")
+            await self.resume(deployment, ReleaseHandle.from_dict(deployment.release))
+            logger.info("application started", application=name, deployment_id=deployment.id)
+            return await self.store.set_application(name, deployment.id, "running")
+
+    async def application_json(self, app: Application) -> dict[str, Any]:
+        deployment = await self.store.get(app.deployment_id)
+        running = app.state == "running"
+        return {
+            "name": app.name,
+            "current_deployment_id": app.deployment_id,
+            "state": app.state,
+            "url": deployment.url if running else None,
+            "since": app.since,
+            "runtime": deployment.spec.run.runtime if deployment.spec.run else None,
+            "container_id": deployment.container_id,
+            "pid": deployment.pid if running else None,
+            "updated_at": app.updated_at,
+        }
+
+    # --- rollback and retention ------------------------------------------------------------
+
+    async def check_rollback_target(self, target: Deployment) -> None:
+        """Raises Conflict unless `target` left a release that can be brought back."""
+        if target.status != "succeeded" or target.spec.run is None or target.release is None:
+            raise Conflict(
+                f"deployment {target.id} never put a release into service ({target.status}); nothing to roll back to",
+                code="no_release",
+            )
+        pruned = Conflict(
+            f"the release of {target.id} was pruned (retention keeps the last "
+            f"{self.config.releases.retention} releases of {target.application}); it cannot be rolled back to",
+            code="release_pruned",
+        )
+        image = target.release_image
+        if target.spec.run.runtime == "container":
+            if image is None or not await self.containers.image_exists(image):
+                raise pruned
+            return
+        origin = target.release_from or target.id
+        has_image = image is not None and image.startswith("deploy-agent/") and await self.containers.image_exists(image)
+        if not has_image and not (self.config.releases_dir / origin).is_dir():
+            raise pruned
+
+    async def prune(self, application: str, log: DeploymentLog | None = None) -> list[str]:
+        """Keeps the release images (and process workspaces) of the last N succeeded releases."""
+        releases = await self.store.succeeded_releases(application)
+        keep = releases[: self.config.releases.retention]
+        try:
+            current = (await self.store.get_application(application)).deployment_id
+        except NotFound:
+            current = None
+        kept_images = {d.release_image for d in keep if d.release_image}
+        kept_images |= {d.release_image for d in releases if d.id == current and d.release_image}
+        removed: list[str] = []
+        for image in await self.containers.list_release_images(application):
+            if image not in kept_images and await self.containers.remove_image(image):
+                removed.append(image)
+        kept_ids = {d.id for d in keep} | {current}
+        for deployment in releases[len(keep):]:
+            if deployment.id not in kept_ids:
+                await remove_workspace(self.config.releases_dir / deployment.id)
+        if removed and log is not None:
+            log.agent(STAGE, f"pruned {len(removed)} old release image(s): {', '.join(removed)}")
+        return removed
+
+    # --- after a restart -------------------------------------------------------------------
+
+    async def reconcile(self, interrupted: list[Deployment]) -> None:
+        """Removes releases of interrupted deployments and makes sure current releases serve."""
+        for deployment in interrupted:
+            if deployment.release is not None:
+                handle = ReleaseHandle.from_dict(deployment.release)
+                await self.runtime_of(handle.runtime).remove_release(handle, 0)
+        current_ids: set[str] = set()
+        for app in await self.store.list_applications():
+            current_ids.add(app.deployment_id)
+            deployment = await self.store.get(app.deployment_id)
+            if app.state != "running" or deployment.release is None:
+                continue
+            handle = ReleaseHandle.from_dict(deployment.release)
+            runtime = self.runtime_of(handle.runtime)
+            state = await runtime.release_state(handle)
+            if not state.running:
+                logger.warning("current release is not running; starting it again", application=app.name)
+                await self.resume(deployment, handle)
+            elif handle.runtime == "container":
+                await self.containers.attach_release_output(handle, Path(deployment.log_path))
+        for container in await self.containers.list_release_containers():
+            if container.deployment_id not in current_ids:
+                orphan = ReleaseHandle(
+                    runtime="container", deployment_id=container.deployment_id, application=container.application,
+                    host="127.0.0.1", container_id=container.container_id,
+                )
+                await self.containers.remove_release(orphan, 0)
+                logger.info("removed an orphan release container", deployment_id=container.deployment_id)
+
+
+def _url_of(handle: ReleaseHandle, port: int | None) -> str | None:
+    if port is None or port not in handle.ports:
+        return None
+    host = f"[{handle.host}]" if ":" in handle.host else handle.host
+    return f"http://{host}:{handle.ports[port]}"
+
+
+def _health_target(handle: ReleaseHandle, deployment: Deployment) -> HealthTarget | None:
+    health = deployment.spec.health_check
+    run = deployment.spec.run
+    if health is None or run is None:
+        return None
+    port = health.port or run.port or (next(iter(handle.ports)) if handle.ports else None)
+    if port is None or port not in handle.ports:
+        return None
+    return HealthTarget(handle.host, handle.ports[port])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
