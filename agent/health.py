@@ -36,11 +36,14 @@ class HealthTarget:
 class ReleaseUnhealthy(Exception):
     """The release failed its check; `smoke_test` says how, `exit_code` is set when it died."""
 
-    def __init__(self, message: str, smoke_test: dict[str, Any] | None, exit_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, smoke_test: dict[str, Any] | None, exit_code: int | None = None, *, died: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.smoke_test = smoke_test
         self.exit_code = exit_code
+        self.died = died  # it exited or restarted, rather than running without answering
 
 
 StateProbe = Callable[[], Awaitable[ReleaseState]]
@@ -135,7 +138,7 @@ async def _raise_if_dead(
     else:
         message = f"the release exited with code {current.exit_code}"
     log.agent(STAGE, message)
-    raise ReleaseUnhealthy(message, smoke_test(False) if smoke_test else None, current.exit_code)
+    raise ReleaseUnhealthy(message, smoke_test(False) if smoke_test else None, current.exit_code, died=True)
 
 
 async def _sleep_alive(

@@ -78,7 +78,7 @@ class ReleaseManager:
             handle: ReleaseHandle | None = None
             try:
                 handle = await runtime.start_release(spec, log)
-                url = _url_of(handle, run.port)
+                url = _url_of(handle, spec.ports[0] if spec.ports else None)
                 await self.store.update(
                     deployment.id, release=handle.to_dict(), pid=handle.pid, pid_started_at=handle.pid_started_at,
                     container_id=handle.container_id, url=url, stage="health",
@@ -92,9 +92,11 @@ class ReleaseManager:
                     log,
                 )
             except BaseException as exc:
+                # Read the dying release's last output before removing it.
+                failure = await self._failure(exc, runtime, handle) if isinstance(exc, ReleaseUnhealthy) else None
                 await asyncio.shield(self._undo(deployment, runtime, handle, previous, stopped_previous, log))
-                if isinstance(exc, ReleaseUnhealthy):
-                    raise await self._failure(exc, runtime, handle) from None
+                if failure is not None:
+                    raise failure from None
                 raise
             # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
             await self.store.set_application(deployment.application, deployment.id, "running")
@@ -137,11 +139,11 @@ class ReleaseManager:
         self, exc: ReleaseUnhealthy, runtime: ReleaseRuntime, handle: ReleaseHandle | None
     ) -> ReleaseFailed:
         message = exc.message
-        if exc.exit_code is not None or (exc.smoke_test is None or not exc.smoke_test.get("passed")):
-            lines = await runtime.last_output(handle, LAST_OUTPUT_LINES) if handle is not None else []
-            if lines and exc.exit_code is not None:
+        if exc.died and handle is not None:
+            lines = await runtime.last_output(handle, LAST_OUTPUT_LINES)
+            if lines:
                 message += "; last output: " + " | ".join(line.strip() for line in lines[-5:])
-        error_type = "release_exited" if exc.exit_code is not None else "health_check_failed"
+        error_type = "release_exited" if exc.died else "health_check_failed"
         return ReleaseFailed(error_type, message, exit_code=exc.exit_code, smoke_test=exc.smoke_test)
 
     async def _release_spec(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> ReleaseSpec:
@@ -206,10 +208,9 @@ class ReleaseManager:
         spec = await self._resume_spec(deployment, handle)
         with DeploymentLog(Path(deployment.log_path)) as log:
             new_handle = await runtime.resume_release(handle, spec, log)
-        run = deployment.spec.run
         await self.store.update(
             deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
-            container_id=new_handle.container_id, url=_url_of(new_handle, run.port if run else None),
+            container_id=new_handle.container_id, url=_url_of(new_handle, spec.ports[0] if spec.ports else None),
         )
         return new_handle
 
