@@ -192,6 +192,7 @@ class Deployment:
             "finished_at": self.finished_at,
             "updated_at": self.updated_at,
             "pid": self.pid,
+            "pid_started_at": self.pid_started_at,
             "container_id": self.container_id,
             "log_path": self.log_path,
             "exit_code": self.exit_code,

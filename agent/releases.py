@@ -98,6 +98,8 @@ class ReleaseManager:
                 if failure is not None:
                     raise failure from None
                 raise
+            if handle.runtime == "container":
+                await self.containers.keep_running(handle)
             # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
             await self.store.set_application(deployment.application, deployment.id, "running")
             log.agent(STAGE, "the new release is in service")
@@ -208,6 +210,8 @@ class ReleaseManager:
         spec = await self._resume_spec(deployment, handle)
         with DeploymentLog(Path(deployment.log_path)) as log:
             new_handle = await runtime.resume_release(handle, spec, log)
+        if new_handle.runtime == "container":
+            await self.containers.keep_running(new_handle)
         await self.store.update(
             deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
             container_id=new_handle.container_id, url=_url_of(new_handle, spec.ports[0] if spec.ports else None),
@@ -341,7 +345,16 @@ class ReleaseManager:
                 logger.warning("current release is not running; starting it again", application=app.name)
                 await self.resume(deployment, handle)
             elif handle.runtime == "container":
+                # Docker gives a restarted container new ephemeral ports and a new pid.
+                refreshed = await self.containers.refresh_release(handle)
+                if refreshed is not None and refreshed != handle:
+                    await self.store.update(
+                        deployment.id, release=refreshed.to_dict(), pid=refreshed.pid,
+                        url=_url_of(refreshed, deployment.spec.run.port if deployment.spec.run else None),
+                    )
+                    handle = refreshed
                 await self.containers.attach_release_output(handle, Path(deployment.log_path))
+        await self.containers.remove_copy_containers()
         for container in await self.containers.list_release_containers():
             if container.deployment_id not in current_ids:
                 orphan = ReleaseHandle(

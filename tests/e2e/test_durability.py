@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import docker
+import pytest
 
 from tests.conftest import containers_of
 from tests.e2e.conftest import build_request
@@ -58,3 +59,45 @@ def test_sigterm_drains_running_builds_and_keeps_the_queue(agent_factory) -> Non
     agent.start()
     assert agent.get(running["id"])["status"] == "succeeded"
     assert agent.wait_for(waiting["id"])["status"] == "succeeded"
+
+
+def test_releases_survive_an_agent_sigkill_and_an_interrupted_one_is_removed(
+    agent_factory, docker_client: docker.DockerClient
+) -> None:
+    """Current container and process releases keep serving across SIGKILL; a half-checked one is removed."""
+    import urllib.request
+
+    import psutil
+
+    from tests.e2e.test_releases import FAST_CHECK, process_request, web_request
+
+    def fetch(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode().strip()
+
+    agent = agent_factory("releases-durable")
+    web = agent.wait_for(agent.submit(web_request("v1"))["id"], timeout=60)
+    proc = agent.wait_for(agent.submit(process_request("p1"))["id"], timeout=60)
+    assert web["status"] == proc["status"] == "succeeded"
+    checking = agent.submit(web_request("v2", health={**FAST_CHECK, "start_period_s": 60}))
+    agent.wait_for(checking["id"], lambda d: d["status"] == "deploying" and d["container_id"])
+
+    agent.stop(signal.SIGKILL)
+    assert fetch(web["url"]) == "v1" and fetch(proc["url"]) == "p1"
+    agent.start()
+
+    interrupted = agent.get(checking["id"])
+    assert interrupted["status"] == "failed" and interrupted["error"]["type"] == "agent_restarted"
+    assert containers_of(docker_client, checking["id"]) == []
+    assert fetch(agent.get(web["id"])["url"]) == "v1"
+    assert fetch(proc["url"]) == "p1"
+    assert agent.get(proc["id"])["pid_started_at"] == pytest.approx(psutil.Process(proc["pid"]).create_time())
+    apps = {a["name"]: a for a in agent.request("GET", "/v1/applications").json()["data"]}
+    assert apps["web"]["current_deployment_id"] == web["id"] and apps["proc"]["current_deployment_id"] == proc["id"]
+    # The restarted agent still controls the process release it started before the kill.
+    started_at = psutil.Process(proc["pid"]).create_time()
+    assert agent.request("POST", "/v1/applications/proc/stop").status_code == 202
+    try:
+        assert psutil.Process(proc["pid"]).create_time() != started_at, "the process release still runs"
+    except psutil.NoSuchProcess:
+        pass
