@@ -339,6 +339,7 @@ class Engine:
         log = DeploymentLog(Path(deployment.log_path))
         started = time.monotonic()
         outcome: str = "failed"
+        pruned = False
         try:
             log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
             fields: dict[str, Any] = {"pid": None, "stage": None}
@@ -352,6 +353,10 @@ class Engine:
                 running.phase = "deploying"
                 self._raise_if_stopped(running)
                 fields = {**fields, **await self.releases.deploy(deployment, log, image)}
+            if spec.run is not None:
+                # Settle retention before reporting success, so a poller sees the final state.
+                await self._prune_quietly(deployment.application, log, newest=(deployment.id, fields["release_image"]))
+                pruned = True
             outcome = "succeeded"
             log.agent("done", "deployment succeeded")
             await self._set_status(deployment.id, "succeeded", **fields)
@@ -381,7 +386,7 @@ class Engine:
                 deployment.id, "failed", error={"type": "internal_error", "message": f"internal error: {exc}"}
             )
         finally:
-            if spec.run is not None:
+            if spec.run is not None and not pruned:
                 await self._prune_quietly(deployment.application, log)
             log.close()
             if spec.build is not None:
@@ -425,10 +430,12 @@ class Engine:
             await self.store.update(deployment.id, release_image=result.image)
         return {"exit_code": result.exit_code, "pid": None, "stage": None}, result.image
 
-    async def _prune_quietly(self, application: str, log: DeploymentLog) -> None:
+    async def _prune_quietly(
+        self, application: str, log: DeploymentLog, newest: tuple[str, str | None] | None = None
+    ) -> None:
         # Retention is housekeeping: its failure must not change how the deployment ended.
         try:
-            await self.releases.prune(application, log)
+            await self.releases.prune(application, log, newest=newest)
         except AgentError as exc:
             logger.warning("pruning old releases failed", application=application, error=exc.message)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -302,9 +303,21 @@ class ReleaseManager:
         if not has_image and not (self.config.releases_dir / origin).is_dir():
             raise pruned
 
-    async def prune(self, application: str, log: DeploymentLog | None = None) -> list[str]:
-        """Keeps the release images (and process workspaces) of the last N succeeded releases."""
-        releases = await self.store.succeeded_releases(application)
+    async def prune(
+        self,
+        application: str,
+        log: DeploymentLog | None = None,
+        *,
+        newest: tuple[str, str | None] | None = None,
+    ) -> list[str]:
+        """Keeps the release images (and process workspaces) of the last N succeeded releases.
+
+        `newest` is (deployment id, image) of a release being promoted right now, counted
+        first although its status is not `succeeded` yet.
+        """
+        releases = [_Kept(d.id, d.release_image) for d in await self.store.succeeded_releases(application)]
+        if newest is not None:
+            releases = [_Kept(*newest)] + [r for r in releases if r.id != newest[0]]
         keep = releases[: self.config.releases.retention]
         try:
             current = (await self.store.get_application(application)).deployment_id
@@ -363,6 +376,12 @@ class ReleaseManager:
                 )
                 await self.containers.remove_release(orphan, 0)
                 logger.info("removed an orphan release container", deployment_id=container.deployment_id)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    id: str
+    release_image: str | None
 
 
 def _url_of(handle: ReleaseHandle, port: int | None) -> str | None:
