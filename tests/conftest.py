@@ -50,3 +50,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; a skip in CI is a failure", red=True)
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd on loopback with its own port, host key and authorized_keys."""
+    from tests.sshd import start_sshd
+
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sshd_remote(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd at an address of its own, inside a network namespace (10.231.x.2:22)."""
+    from tests.sshd import make_namespace, remove_namespace, start_sshd
+
+    index = next(_NAMESPACES)
+    name = f"datest{os.getpid() % 1000}n{index}"
+    host_address, peer_address = f"10.231.{index}.1", f"10.231.{index}.2"
+    make_namespace(name, host_address, peer_address)
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("sshd-remote"), host=peer_address, namespace=name)
+        yield server
+        server.stop()
+    finally:
+        remove_namespace(name)
+
+
+_NAMESPACES = iter(range(1, 250))
