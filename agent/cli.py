@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("application", metavar="APP")
     start.set_defaults(handler=start_application)
 
+    servers = commands.add_parser(
+        "servers", parents=[connection, json_output], help="list remote servers, or `servers check NAME` to test one"
+    )
+    servers.add_argument("action", metavar="check", nargs="?", choices=["check"], help="test one server")
+    servers.add_argument("name", metavar="NAME", nargs="?", help="the server to test")
+    servers.set_defaults(handler=show_servers)
+
     health = commands.add_parser("health", parents=[connection, json_output], help="ask whether the agent can serve")
     health.set_defaults(handler=check_health)
     return parser
@@ -306,6 +313,30 @@ def start_application(args: argparse.Namespace) -> int:
     """`start APP`: starts the application's release again; prints `APP running (url)`."""
     application = _client(args).start_application(args.application)
     print(_to_json(application) if args.json else _application_line(application, args.application))
+    return EXIT_OK
+
+
+def show_servers(args: argparse.Namespace) -> int:
+    """`servers`: a table of remote servers; `servers check NAME`: test one, exit 1 if unreachable."""
+    client = _client(args)
+    if args.action == "check":
+        if args.name is None:
+            raise UsageError("servers check needs a server NAME")
+        server = client.server(args.name)
+        if args.json:
+            print(_to_json(server))
+        else:
+            _print_fields(server)
+        return EXIT_OK if server.get("reachable") else EXIT_FAILED
+    answer = client.servers()
+    if args.json:
+        print(_to_json(answer))
+        return EXIT_OK
+    _print_table(
+        answer.get("data", []),
+        ("NAME", "HOST", "REACHABLE", "LATENCY_MS", "DOCKER", "ERROR"),
+        ("name", "host", "reachable", "latency_ms", "docker_version", "error"),
+    )
     return EXIT_OK
 
 

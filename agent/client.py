@@ -105,6 +105,14 @@ class AgentClient:
         """POST /v1/deployments/{id}/rollback; returns the new deployment."""
         return self._json("POST", _deployment_path(deployment_id, "rollback"))
 
+    def servers(self) -> dict[str, Any]:
+        """GET /v1/servers: `{"data": [server, ...]}`, each probed for reachability."""
+        return self._json("GET", "/v1/servers")
+
+    def server(self, name: str) -> dict[str, Any]:
+        """GET /v1/servers/{name}: one server, probed now."""
+        return self._json("GET", "/v1/servers/" + quote(name, safe=""))
+
     def applications(self) -> dict[str, Any]:
         """GET /v1/applications: `{"data": [application, ...]}`."""
         return self._json("GET", "/v1/applications")

@@ -80,6 +80,7 @@ class ServerConfig:
     identity_file: str | None = None
     known_hosts: str | None = None
     port: int = 22
+    docker_socket: str = "/var/run/docker.sock"
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ def _read_servers(reader: _Reader, table: Mapping[str, Any]) -> dict[str, Server
         if not isinstance(entry, dict):
             reader.problem(key, "must be a table")
             continue
-        reader.unknown(entry, f"{key}.", {"host", "port", "user", "identity_file", "known_hosts"})
+        reader.unknown(entry, f"{key}.", {"host", "port", "user", "identity_file", "known_hosts", "docker_socket"})
         host = reader.typed(entry, "host", f"{key}.host", (str,), None)
         user = reader.typed(entry, "user", f"{key}.user", (str,), None)
         port = reader.typed(entry, "port", f"{key}.port", (int,), 22)
@@ -381,5 +382,8 @@ def _read_servers(reader: _Reader, table: Mapping[str, Any]) -> dict[str, Server
             port=port,
             identity_file=reader.typed(entry, "identity_file", f"{key}.identity_file", (str,), None),
             known_hosts=known_hosts,
+            docker_socket=reader.typed(
+                entry, "docker_socket", f"{key}.docker_socket", (str,), "/var/run/docker.sock"
+            ),
         )
     return servers

@@ -65,7 +65,7 @@ class Daemon:
             kill_grace_s=config.agent.kill_grace_s,
             instance=instance_label(config),
         )
-        self.engine = Engine(config, self._store, self._runtime, Metrics())
+        self.engine = Engine(config, self._store, self._runtime, Metrics(), instance=instance_label(config))
         await self.engine.start()
 
         from agent.api.app import create_app  # the api depends on the engine, never the other way
@@ -103,6 +103,8 @@ class Daemon:
             counts = await self.engine.shutdown(grace)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.engine is not None:
+            await self.engine.servers.close()
         if self._runtime is not None:
             await self._runtime.close()
         if self._store is not None:

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
@@ -31,9 +31,12 @@ from agent.models import (
     new_deployment_id,
     utc_now,
 )
-from agent.releases import ReleaseFailed, ReleaseManager
+from agent.releases import ReleaseFailed, ReleaseManager, remote_release_dir
 from agent.runtimes.container import BuildJob, ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
+from agent.runtimes.remote_process import RemoteBuildJob
+from agent.servers import LOCAL, Servers
+from agent.ssh import SshConnections
 from agent.store import Store
 from agent.workspace import prepare_workspace, remove_workspace
 
@@ -49,6 +52,8 @@ class RunningDeployment:
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None  # "kill" or "shutdown" once someone asked it to stop
     phase: str = "queued"
+    # Stops the build's work wherever it runs (containers here or there, a remote process group).
+    stop_work: Callable[[float], Awaitable[Any]] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -62,12 +67,14 @@ class Engine:
         runtime: ContainerRuntime,
         metrics: Metrics | None = None,
         processes: ProcessRuntime | None = None,
+        instance: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.runtime = runtime
         self.processes = processes or ProcessRuntime(config.run_dir, kill_grace_s=config.agent.kill_grace_s)
-        self.releases = ReleaseManager(config, store, runtime, self.processes)
+        self.servers = Servers(config, SshConnections(config.servers), runtime, self.processes, instance=instance)
+        self.releases = ReleaseManager(config, store, self.servers)
         self.metrics = metrics or Metrics()
         self.accepting = False
         self._running: dict[str, RunningDeployment] = {}
@@ -111,7 +118,7 @@ class Engine:
         await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])
         for deployment in interrupted:
             with structlog.contextvars.bound_contextvars(deployment_id=deployment.id):
-                removed = await self.runtime.stop_deployment(deployment.id, grace_s=0)
+                removed = await self._stop_leftovers(deployment)
                 message = (
                     f"the agent stopped while this deployment was {deployment.status}; "
                     f"its work was stopped after the restart ({removed} container(s) removed)"
@@ -125,6 +132,20 @@ class Engine:
         # Build containers with no live deployment behind them (e.g. crash between create and record).
         orphans = await self.runtime.remove_build_containers(keep=lambda _deployment_id: False)
         logger.info("reconciled", interrupted=len(interrupted), orphan_containers=len(orphans))
+
+    async def _stop_leftovers(self, deployment: Deployment) -> int:
+        """Stops what an interrupted deployment left running; a remote server may be unreachable."""
+        try:
+            containers = await self.servers.containers(deployment.server)
+            removed = await containers.stop_deployment(deployment.id, grace_s=0)
+            build = deployment.spec.build
+            if deployment.server != LOCAL and build is not None and build.runtime == "process" and deployment.pid:
+                remote = self.servers.remote_processes(deployment.server)
+                removed += int(await remote.kill_group(deployment.pid, deployment.pid_started_at or 0, 0))
+            return removed
+        except AgentError as exc:
+            logger.warning("could not stop the leftovers of an interrupted deployment", error=exc.message)
+            return 0
 
     async def shutdown(self, grace_s: float) -> dict[str, int]:
         """Stops intake, lets running deployments finish within `grace_s`, stops the rest."""
@@ -266,6 +287,15 @@ class Engine:
     async def start_application(self, name: str) -> dict[str, Any]:
         return await self.releases.application_json(await self.releases.start_application(name))
 
+    async def list_servers(self) -> list[dict[str, Any]]:
+        """Configured remote servers with reachability, latency and Docker version."""
+        return await self.servers.describe()
+
+    async def check_server(self, name: str) -> dict[str, Any]:
+        if name not in self.config.servers:
+            raise NotFound(f"server {name} is not configured (no [servers.{name}] in the config)")
+        return await self.servers.ssh.check(name)
+
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:
             version = await asyncio.wait_for(self.runtime.ping(), timeout=3)
@@ -281,7 +311,7 @@ class Engine:
     def running_count(self) -> int:
         return len(self._running)
 
-    def servers(self) -> frozenset[str]:
+    def server_names(self) -> frozenset[str]:
         return frozenset(self.config.servers)
 
     # --- scheduling ------------------------------------------------------------------------
@@ -355,7 +385,10 @@ class Engine:
                 fields = {**fields, **await self.releases.deploy(deployment, log, image)}
             if spec.run is not None:
                 # Settle retention before reporting success, so a poller sees the final state.
-                await self._prune_quietly(deployment.application, log, newest=(deployment.id, fields["release_image"]))
+                await self._prune_quietly(
+                    deployment.application, log, newest=(deployment.id, fields["release_image"]),
+                    server=deployment.server,
+                )
                 pruned = True
             outcome = "succeeded"
             log.agent("done", "deployment succeeded")
@@ -387,7 +420,10 @@ class Engine:
             )
         finally:
             if spec.run is not None and not pruned:
-                await self._prune_quietly(deployment.application, log)
+                await self._prune_quietly(deployment.application, log, server=deployment.server)
+            if deployment.server != LOCAL and spec.build is not None and spec.build.runtime == "process":
+                if spec.run is None or outcome != "succeeded":
+                    await self._remove_remote_dir(deployment)
             log.close()
             if spec.build is not None:
                 self.metrics.observe_build(time.monotonic() - started, outcome)
@@ -398,17 +434,21 @@ class Engine:
     ) -> tuple[dict[str, Any], str | None]:
         spec = deployment.spec
         assert spec.build is not None
+        if spec.build.runtime == "process":
+            return await self._build_remote_process(deployment, running, log), None
         workspace = self._workspace_of(deployment.id)
         await prepare_workspace(spec.source, workspace, log)
         self._raise_if_stopped(running)
         await self.store.update(deployment.id, stage="build")
+        containers = await self.servers.containers(deployment.server)
+        running.stop_work = lambda grace: containers.stop_deployment(deployment.id, grace)
 
         async def on_start(container_id: str, pid: int) -> None:
             await self.store.update(deployment.id, container_id=container_id, pid=pid or None)
             logger.info("build container started", container_id=container_id[:12], pid=pid)
             if running.stop_reason is not None:
                 # Killed while the container was being created: stop it now.
-                await self.runtime.stop_deployment(deployment.id, self.config.agent.kill_grace_s)
+                await containers.stop_deployment(deployment.id, self.config.agent.kill_grace_s)
 
         job = BuildJob(
             deployment_id=deployment.id,
@@ -420,22 +460,66 @@ class Engine:
             workspace=workspace,
             commit_image=f"deploy-agent/{deployment.application}:{deployment.id}" if spec.run else None,
         )
-        result = await self.runtime.run_build(job, log, on_start)
+        result = await containers.run_build(job, log, on_start)
         self._raise_if_stopped(running)
-        if result.timed_out:
-            raise _BuildFailed("timeout", f"build timed out after {spec.build.timeout_s:g}s and was killed", result.exit_code)
-        if result.exit_code != 0:
-            raise _BuildFailed("build_failed", f"build command exited with code {result.exit_code}", result.exit_code)
+        self._raise_if_build_failed(spec.build.timeout_s, result.exit_code, result.timed_out)
         if result.image is not None:
             await self.store.update(deployment.id, release_image=result.image)
         return {"exit_code": result.exit_code, "pid": None, "stage": None}, result.image
 
+    async def _build_remote_process(
+        self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog
+    ) -> dict[str, Any]:
+        """Runs the build as a shell command on a remote server, in the release's remote directory."""
+        spec = deployment.spec
+        assert spec.build is not None
+        remote = self.servers.remote_processes(deployment.server)
+        remote_dir = str(remote_release_dir(deployment.id))
+        source = spec.source
+        if source is not None and source.type == "git":
+            await remote.clone_workspace(source.url or "", source.ref, remote_dir, log)
+        else:
+            workspace = self._workspace_of(deployment.id)
+            await prepare_workspace(source, workspace, log)
+            await remote.upload_workspace(workspace, remote_dir, log)
+        self._raise_if_stopped(running)
+        await self.store.update(deployment.id, stage="build")
+
+        async def on_start(pid: int, started_at: float) -> None:
+            running.stop_work = lambda grace: remote.kill_group(pid, started_at, grace)
+            await self.store.update(deployment.id, pid=pid, pid_started_at=started_at)
+            logger.info("remote build started", server=deployment.server, pid=pid)
+            if running.stop_reason is not None:
+                await remote.kill_group(pid, started_at, self.config.agent.kill_grace_s)
+
+        job = RemoteBuildJob(
+            deployment_id=deployment.id,
+            command=spec.build.command,
+            env=spec.build.env,
+            timeout_s=spec.build.timeout_s,
+            remote_dir=remote_dir,
+        )
+        exit_code, timed_out = await remote.run_build(job, log, on_start)
+        self._raise_if_stopped(running)
+        self._raise_if_build_failed(spec.build.timeout_s, exit_code, timed_out)
+        return {"exit_code": exit_code, "pid": None, "stage": None}
+
+    def _raise_if_build_failed(self, timeout_s: float, exit_code: int, timed_out: bool) -> None:
+        if timed_out:
+            raise _BuildFailed("timeout", f"build timed out after {timeout_s:g}s and was killed", exit_code)
+        if exit_code != 0:
+            raise _BuildFailed("build_failed", f"build command exited with code {exit_code}", exit_code)
+
     async def _prune_quietly(
-        self, application: str, log: DeploymentLog, newest: tuple[str, str | None] | None = None
+        self,
+        application: str,
+        log: DeploymentLog,
+        newest: tuple[str, str | None] | None = None,
+        server: str = "local",
     ) -> None:
         # Retention is housekeeping: its failure must not change how the deployment ended.
         try:
-            await self.releases.prune(application, log, newest=newest)
+            await self.releases.prune(application, log, newest=newest, server=server)
         except AgentError as exc:
             logger.warning("pruning old releases failed", application=application, error=exc.message)
 
@@ -457,7 +541,11 @@ class Engine:
             running.stop_reason = reason
         grace = self.config.agent.kill_grace_s
         logger.info("stopping deployment", deployment_id=running.deployment_id, reason=reason)
-        await self.runtime.stop_deployment(running.deployment_id, grace)
+        if running.stop_work is not None:
+            try:
+                await running.stop_work(grace)
+            except AgentError as exc:
+                logger.warning("stopping the build's work failed", error=exc.message)
         if running.phase == "deploying" and running.task is not None and not running.done.is_set():
             # A release being checked: cancelling the work removes it and restores the previous one.
             running.task.cancel()
@@ -469,6 +557,13 @@ class Engine:
                 # Still busy outside a container (copying, cloning): cancel the work itself.
                 running.task.cancel()
                 await running.done.wait()
+
+    async def _remove_remote_dir(self, deployment: Deployment) -> None:
+        try:
+            remote = self.servers.remote_processes(deployment.server)
+            await remote.remove_dir(str(remote_release_dir(deployment.id)))
+        except AgentError as exc:
+            logger.warning("could not remove the remote workspace", server=deployment.server, error=exc.message)
 
     def _raise_if_stopped(self, running: RunningDeployment) -> None:
         if running.stop_reason is not None:

@@ -73,10 +73,12 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class BuildSpec:
-    image: str
+    image: str | None
     command: tuple[str, ...] | str
     env: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = 600.0
+    # "process" runs the command as a shell command on a remote server that has no Docker.
+    runtime: Literal["container", "process"] = "container"
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,7 @@ def parse_deployment_request(
     *,
     servers: frozenset[str] = frozenset(),
     default_build_timeout_s: float = 600.0,
-    supported: frozenset[str] = frozenset({"source", "build", "run", "health_check"}),
+    supported: frozenset[str] = frozenset({"source", "build", "run", "health_check", "remote"}),
 ) -> DeploymentSpec:
     """Validates a deployment request body; raises ValidationFailed naming every bad field.
 
@@ -333,6 +335,11 @@ def parse_deployment_request(
     health = _parse_health(top.get("health_check"), problems)
     if health is not None and run is None and "run" not in top:
         problems.add("health_check", "needs a run")
+    if build is not None and build.runtime == "process":
+        if server == "local":
+            problems.add("build.runtime", "'process' builds run on remote servers; local builds run in containers")
+        if run is not None and run.runtime == "container" and run.image is None:
+            problems.add("run.image", "is required: a process build leaves no image to start a container from")
     if run is not None and run.runtime == "container" and run.image is None and "build" not in top:
         problems.add("run.image", "is required when there is no build to start the release from")
     if (
@@ -402,16 +409,20 @@ def _parse_source(value: Any, problems: _Problems) -> SourceSpec | None:
 def _parse_build(value: Any, problems: _Problems, default_timeout_s: float) -> BuildSpec | None:
     if value is None:
         return None
-    raw = problems.object(value, "build", {"image", "command", "env", "timeout_s"})
+    raw = problems.object(value, "build", {"image", "command", "env", "timeout_s", "runtime"})
     if raw is None:
         return None
-    image = problems.string(raw.get("image"), "build.image", max_length=512)
+    runtime = raw.get("runtime", "container")
+    if runtime not in ("container", "process"):
+        problems.add("build.runtime", "must be 'container' or 'process'")
+        runtime = "container"
+    image = problems.string(raw.get("image"), "build.image", required=runtime == "container", max_length=512)
     command = problems.command(raw.get("command"), "build.command", required=True)
     env = problems.env(raw.get("env"), "build.env")
     timeout = problems.number(raw.get("timeout_s"), "build.timeout_s", default_timeout_s, minimum=0.1, maximum=86400)
-    if image is None or command is None:
+    if (image is None and runtime == "container") or command is None:
         return None
-    return BuildSpec(image=image, command=command, env=env, timeout_s=timeout)
+    return BuildSpec(image=image, command=command, env=env, timeout_s=timeout, runtime=runtime)
 
 
 def _parse_run(value: Any, problems: _Problems) -> RunSpec | None:

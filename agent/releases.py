@@ -22,8 +22,7 @@ from agent.health import HealthTarget, ReleaseUnhealthy, check_release
 from agent.logs import DeploymentLog
 from agent.models import Deployment
 from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec
-from agent.runtimes.container import ContainerRuntime
-from agent.runtimes.process import ProcessRuntime
+from agent.servers import LOCAL, Servers
 from agent.store import Application, Store
 from agent.workspace import prepare_workspace, remove_workspace
 
@@ -47,18 +46,18 @@ class ReleaseFailed(Exception):
 class ReleaseManager:
     """Puts releases into service and takes them out, one application at a time."""
 
-    def __init__(self, config: Config, store: Store, containers: ContainerRuntime, processes: ProcessRuntime) -> None:
+    def __init__(self, config: Config, store: Store, servers: Servers) -> None:
         self.config = config
         self.store = store
-        self.containers = containers
-        self.processes = processes
+        self.servers = servers
+        self.containers = servers.local_containers
         self._locks: dict[str, asyncio.Lock] = {}
 
     def lock(self, application: str) -> asyncio.Lock:
         return self._locks.setdefault(application, asyncio.Lock())
 
-    def runtime_of(self, runtime: str) -> ReleaseRuntime:
-        return self.processes if runtime == "process" else self.containers
+    async def runtime_of(self, kind: str, server: str) -> ReleaseRuntime:
+        return await self.servers.release_runtime(kind, server)
 
     # --- deploying -------------------------------------------------------------------------
 
@@ -68,18 +67,20 @@ class ReleaseManager:
         assert run is not None
         async with self.lock(deployment.application):
             spec = await self._release_spec(deployment, log, image)
-            runtime = self.runtime_of(run.runtime)
+            server = deployment.server
+            runtime = await self.runtime_of(run.runtime, server)
             previous = await self._current_release(deployment.application)
             fixed_port = run.host_port if run.runtime == "container" else run.port
             stopped_previous = False
             if previous is not None and fixed_port is not None and fixed_port in previous[1].ports.values():
                 log.agent(STAGE, f"stopping the previous release {previous[0].id} to free host port {fixed_port}")
-                await self.runtime_of(previous[1].runtime).stop_release(previous[1], self.config.agent.kill_grace_s)
+                previous_runtime = await self.runtime_of(previous[1].runtime, previous[0].server)
+                await previous_runtime.stop_release(previous[1], self.config.agent.kill_grace_s)
                 stopped_previous = True
             handle: ReleaseHandle | None = None
             try:
                 handle = await runtime.start_release(spec, log)
-                url = _url_of(handle, spec.ports[0] if spec.ports else None)
+                url = _url_of(handle, spec.ports[0] if spec.ports else None, self.servers.address_of(server, handle))
                 await self.store.update(
                     deployment.id, release=handle.to_dict(), pid=handle.pid, pid_started_at=handle.pid_started_at,
                     container_id=handle.container_id, url=url, stage="health",
@@ -88,7 +89,7 @@ class ReleaseManager:
                 started = handle
                 smoke_test = await check_release(
                     deployment.spec.health_check,
-                    _health_target(handle, deployment),
+                    await self._health_target(handle, deployment),
                     lambda: runtime.release_state(started),
                     log,
                 )
@@ -100,7 +101,7 @@ class ReleaseManager:
                     raise failure from None
                 raise
             if handle.runtime == "container":
-                await self.containers.keep_running(handle)
+                await (await self.servers.containers(server)).keep_running(handle)
             # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
             await self.store.set_application(deployment.application, deployment.id, "running")
             log.agent(STAGE, "the new release is in service")
@@ -109,7 +110,8 @@ class ReleaseManager:
                     log.agent(STAGE, f"draining the previous release {previous[0].id} for {self.config.releases.drain_s:g}s")
                     await asyncio.sleep(self.config.releases.drain_s)
                 log.agent(STAGE, f"removing the previous release {previous[0].id}")
-                await self.runtime_of(previous[1].runtime).remove_release(previous[1], self.config.agent.kill_grace_s)
+                previous_runtime = await self.runtime_of(previous[1].runtime, previous[0].server)
+                await previous_runtime.remove_release(previous[1], self.config.agent.kill_grace_s)
                 await self.store.update(previous[0].id, pid=None)
             return {
                 "pid": handle.pid, "pid_started_at": handle.pid_started_at, "container_id": handle.container_id,
@@ -138,6 +140,16 @@ class ReleaseManager:
         elif previous is not None:
             log.agent(STAGE, f"the previous release {previous[0].id} keeps serving")
 
+    async def _health_target(self, handle: ReleaseHandle, deployment: Deployment) -> HealthTarget | None:
+        health = deployment.spec.health_check
+        run = deployment.spec.run
+        if health is None or run is None:
+            return None
+        port = health.port or run.port or (next(iter(handle.ports)) if handle.ports else None)
+        if port is None:
+            return None
+        return await self.servers.reach(deployment.server, handle, port)
+
     async def _failure(
         self, exc: ReleaseUnhealthy, runtime: ReleaseRuntime, handle: ReleaseHandle | None
     ) -> ReleaseFailed:
@@ -158,7 +170,12 @@ class ReleaseManager:
             ports.append(health.port)
         env = dict(run.env)
         workdir = None
-        if run.runtime == "process":
+        if run.runtime == "process" and deployment.server != LOCAL:
+            workdir = await self._remote_workdir(deployment, log)
+            if not ports:
+                ports = [_free_port()]
+            env.setdefault("PORT", str(ports[0]))
+        elif run.runtime == "process":
             workdir = await self._process_workdir(deployment, log, image)
             if not ports:
                 ports = [_free_port()]
@@ -193,6 +210,24 @@ class ReleaseManager:
             await prepare_workspace(deployment.spec.source, workdir, log)
         return workdir
 
+    async def _remote_workdir(self, deployment: Deployment, log: DeploymentLog) -> Path:
+        """A remote process release runs where its build ran, or in its rollback target's directory."""
+        origin = deployment.release_from or deployment.id
+        workdir = remote_release_dir(origin)
+        if deployment.spec.build is None and origin == deployment.id:
+            remote = self.servers.remote_processes(deployment.server)
+            source = deployment.spec.source
+            if source is not None and source.type == "git":
+                await remote.clone_workspace(source.url or "", source.ref, str(workdir), log)
+            else:
+                local = self.config.workspaces_dir / deployment.id
+                await prepare_workspace(source, local, log)
+                try:
+                    await remote.upload_workspace(local, str(workdir), log)
+                finally:
+                    await remove_workspace(local)
+        return workdir
+
     async def _current_release(self, application: str) -> tuple[Deployment, ReleaseHandle] | None:
         try:
             app = await self.store.get_application(application)
@@ -207,15 +242,18 @@ class ReleaseManager:
 
     async def resume(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseHandle:
         """Starts a stopped release of `deployment` again and records its new handle."""
-        runtime = self.runtime_of(handle.runtime)
+        runtime = await self.runtime_of(handle.runtime, deployment.server)
         spec = await self._resume_spec(deployment, handle)
         with DeploymentLog(Path(deployment.log_path)) as log:
             new_handle = await runtime.resume_release(handle, spec, log)
         if new_handle.runtime == "container":
-            await self.containers.keep_running(new_handle)
+            await (await self.servers.containers(deployment.server)).keep_running(new_handle)
         await self.store.update(
             deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
-            container_id=new_handle.container_id, url=_url_of(new_handle, spec.ports[0] if spec.ports else None),
+            container_id=new_handle.container_id,
+            url=_url_of(
+                new_handle, spec.ports[0] if spec.ports else None, self.servers.address_of(deployment.server, new_handle)
+            ),
         )
         return new_handle
 
@@ -230,8 +268,13 @@ class ReleaseManager:
             deployment_id=deployment.id, application=deployment.application, runtime=handle.runtime,
             command=run.command, env=env, log_path=Path(deployment.log_path), ports=ports,
             image=deployment.release_image, host_port=run.host_port, bind=run.bind,
-            workdir=self.config.releases_dir / deployment.id if handle.runtime == "process" else None,
+            workdir=self._workdir_of(deployment) if handle.runtime == "process" else None,
         )
+
+    def _workdir_of(self, deployment: Deployment) -> Path:
+        if deployment.server != LOCAL:
+            return remote_release_dir(deployment.release_from or deployment.id)
+        return self.config.releases_dir / deployment.id
 
     async def stop_application(self, name: str) -> Application:
         lock = self.lock(name)
@@ -244,7 +287,8 @@ class ReleaseManager:
             deployment = await self.store.get(app.deployment_id)
             if deployment.release is not None:
                 handle = ReleaseHandle.from_dict(deployment.release)
-                await self.runtime_of(handle.runtime).stop_release(handle, self.config.agent.kill_grace_s)
+                runtime = await self.runtime_of(handle.runtime, deployment.server)
+                await runtime.stop_release(handle, self.config.agent.kill_grace_s)
             await self.store.update(deployment.id, pid=None)
             logger.info("application stopped", application=name, deployment_id=deployment.id)
             return await self.store.set_application(name, deployment.id, "stopped")
@@ -294,12 +338,15 @@ class ReleaseManager:
             code="release_pruned",
         )
         image = target.release_image
+        containers = await self.servers.containers(target.server)
         if target.spec.run.runtime == "container":
-            if image is None or not await self.containers.image_exists(image):
+            if image is None or not await containers.image_exists(image):
                 raise pruned
             return
         origin = target.release_from or target.id
-        has_image = image is not None and image.startswith("deploy-agent/") and await self.containers.image_exists(image)
+        if target.server != LOCAL:
+            return  # the remote release directory is kept; retention does not prune it
+        has_image = image is not None and image.startswith("deploy-agent/") and await containers.image_exists(image)
         if not has_image and not (self.config.releases_dir / origin).is_dir():
             raise pruned
 
@@ -309,6 +356,7 @@ class ReleaseManager:
         log: DeploymentLog | None = None,
         *,
         newest: tuple[str, str | None] | None = None,
+        server: str = LOCAL,
     ) -> list[str]:
         """Keeps the release images (and process workspaces) of the last N succeeded releases.
 
@@ -326,8 +374,9 @@ class ReleaseManager:
         kept_images = {d.release_image for d in keep if d.release_image}
         kept_images |= {d.release_image for d in releases if d.id == current and d.release_image}
         removed: list[str] = []
-        for image in await self.containers.list_release_images(application):
-            if image not in kept_images and await self.containers.remove_image(image):
+        containers = await self.servers.containers(server)
+        for image in await containers.list_release_images(application):
+            if image not in kept_images and await containers.remove_image(image):
                 removed.append(image)
         kept_ids = {d.id for d in keep} | {current}
         for deployment in releases[len(keep):]:
@@ -344,15 +393,15 @@ class ReleaseManager:
         for deployment in interrupted:
             if deployment.release is not None:
                 handle = ReleaseHandle.from_dict(deployment.release)
-                await self.runtime_of(handle.runtime).remove_release(handle, 0)
+                await (await self.runtime_of(handle.runtime, deployment.server)).remove_release(handle, 0)
         current_ids: set[str] = set()
         for app in await self.store.list_applications():
             current_ids.add(app.deployment_id)
             deployment = await self.store.get(app.deployment_id)
-            if app.state != "running" or deployment.release is None:
+            if app.state != "running" or deployment.release is None or deployment.server != LOCAL:
                 continue
             handle = ReleaseHandle.from_dict(deployment.release)
-            runtime = self.runtime_of(handle.runtime)
+            runtime = await self.runtime_of(handle.runtime, deployment.server)
             state = await runtime.release_state(handle)
             if not state.running:
                 logger.warning("current release is not running; starting it again", application=app.name)
@@ -363,7 +412,9 @@ class ReleaseManager:
                 if refreshed is not None and refreshed != handle:
                     await self.store.update(
                         deployment.id, release=refreshed.to_dict(), pid=refreshed.pid,
-                        url=_url_of(refreshed, deployment.spec.run.port if deployment.spec.run else None),
+                        url=_url_of(
+                            refreshed, deployment.spec.run.port if deployment.spec.run else None, refreshed.host
+                        ),
                     )
                     handle = refreshed
                 await self.containers.attach_release_output(handle, Path(deployment.log_path))
@@ -384,22 +435,19 @@ class _Kept:
     release_image: str | None
 
 
-def _url_of(handle: ReleaseHandle, port: int | None) -> str | None:
+def remote_release_dir(deployment_id: str) -> Path:
+    """Where a remote process release lives on its server, relative to the SSH user's home."""
+    return Path(".deploy-agent") / "releases" / deployment_id
+
+
+def _url_of(handle: ReleaseHandle, port: int | None, address: str) -> str | None:
     if port is None or port not in handle.ports:
         return None
-    host = f"[{handle.host}]" if ":" in handle.host else handle.host
+    host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{handle.ports[port]}"
 
 
-def _health_target(handle: ReleaseHandle, deployment: Deployment) -> HealthTarget | None:
-    health = deployment.spec.health_check
-    run = deployment.spec.run
-    if health is None or run is None:
-        return None
-    port = health.port or run.port or (next(iter(handle.ports)) if handle.ports else None)
-    if port is None or port not in handle.ports:
-        return None
-    return HealthTarget(handle.host, handle.ports[port])
+
 
 
 def _free_port() -> int:

@@ -62,13 +62,15 @@ def test_body_must_be_an_object() -> None:
     assert "application" in fields_of({})
 
 
-def test_unsupported_features_are_refused_clearly() -> None:
-    """A configured remote server is accepted by the schema but refused as not supported yet."""
-    with pytest.raises(ValidationFailed) as caught:
-        parse_deployment_request({"application": "web", "server": "edge-1"}, servers=frozenset({"edge-1"}))
-    assert {p["field"]: p["message"] for p in caught.value.problems} == {
-        "server": "remote servers are not supported yet"
-    }
+def test_remote_servers_and_process_builds() -> None:
+    """A configured server is accepted; process builds are for remote servers only."""
+    spec = parse_deployment_request(
+        {"application": "web", "server": "edge-1", "build": {"runtime": "process", "command": "make"}},
+        servers=frozenset({"edge-1"}),
+    )
+    assert spec.server == "edge-1" and spec.build is not None and spec.build.image is None
+    assert fields_of({"application": "a", "build": {"runtime": "process", "command": "make"}}) == {"build.runtime"}
+    assert fields_of({"application": "a", "server": "nowhere"}) == {"server"}
 
 
 def test_release_needs_something_to_run() -> None:

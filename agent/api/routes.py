@@ -32,6 +32,8 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/applications/{name}", get_application, allow_head=False)
     router.add_post("/v1/applications/{name}/stop", stop_application)
     router.add_post("/v1/applications/{name}/start", start_application)
+    router.add_get("/v1/servers", list_servers, allow_head=False)
+    router.add_get("/v1/servers/{name}", check_server, allow_head=False)
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics, allow_head=False)
 
@@ -47,7 +49,7 @@ async def submit_deployment(request: web.Request) -> web.Response:
     spec = await asyncio.to_thread(
         parse_deployment_request,
         body,
-        servers=engine.servers(),
+        servers=engine.server_names(),
         default_build_timeout_s=settings.default_build_timeout_s,
     )
     deployment, created = await engine.submit(spec, idempotency_key=key, request_hash=request_hash(body))
@@ -112,6 +114,17 @@ async def start_application(request: web.Request) -> web.Response:
 async def delete_deployment(request: web.Request) -> web.Response:
     await engine_of(request).delete(request.match_info["id"])
     return web.Response(status=204)
+
+
+@requires(READ_SCOPE)
+async def list_servers(request: web.Request) -> web.Response:
+    """Remote servers with their reachability, latency and Docker version (each is probed)."""
+    return web.json_response({"data": await engine_of(request).list_servers()})
+
+
+@requires(READ_SCOPE)
+async def check_server(request: web.Request) -> web.Response:
+    return web.json_response(await engine_of(request).check_server(request.match_info["name"]))
 
 
 @requires(None)

@@ -166,7 +166,7 @@ class FakeEngine:
     def running_count(self) -> int:
         return sum(d.status in ("building", "deploying") for d in self.deployments.values())
 
-    def servers(self) -> frozenset[str]:
+    def server_names(self) -> frozenset[str]:
         return frozenset({"edge-1"})
 
 
@@ -297,7 +297,7 @@ async def test_validation_failure_is_422_naming_every_field(client: TestClient) 
 
 
 async def test_configured_server_names_are_accepted_by_validation(client: TestClient) -> None:
-    """Validation gets engine.servers(): a configured name is not an unknown server."""
+    """Validation gets engine.server_names(): a configured name is not an unknown server."""
     response = await client.post(
         "/v1/deployments", json={"application": "web", "server": "edge-1"}, headers=auth(WRITER)
     )

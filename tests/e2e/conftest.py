@@ -31,7 +31,9 @@ def free_port() -> int:
 class AgentProcess:
     """One deploy-agent daemon started with `deploy-agent run --config`."""
 
-    def __init__(self, state_dir: Path, releases: dict[str, Any] | None = None, **agent_settings: Any) -> None:
+    def __init__(
+        self, state_dir: Path, releases: dict[str, Any] | None = None, extra_toml: str = "", **agent_settings: Any
+    ) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -49,7 +51,7 @@ class AgentProcess:
             ("writer", WRITE_TOKEN, ["deployments:write"]),
         ):
             lines += ["[[auth.tokens]]", f'name = "{name}"', f'token = "{token}"', f"scopes = {json.dumps(scopes)}", ""]
-        self.config_path.write_text("\n".join(lines))
+        self.config_path.write_text("\n".join(lines) + "\n" + extra_toml)
 
     def start(self, timeout: float = 30) -> "AgentProcess":
         output = open(self.output_path, "ab")

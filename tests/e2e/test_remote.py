@@ -1,0 +1,163 @@
+"""Remote servers over SSH, end to end: a real sshd on loopback and one in a network namespace."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import docker
+import psutil
+
+from tests.conftest import containers_of
+from tests.e2e.conftest import AgentProcess
+from tests.sshd import SshServer
+
+
+def remote_agent(agent_factory, *servers: tuple[str, SshServer], **settings: Any) -> AgentProcess:
+    return agent_factory(extra_toml="\n".join(server.toml(name) for name, server in servers), **settings)
+
+
+def process_build(server: str, command: str, **build: Any) -> dict[str, Any]:
+    return {"application": "remote", "server": server, "build": {"runtime": "process", "command": command, **build}}
+
+
+def sshd_sessions(server: SshServer) -> list[psutil.Process]:
+    """The sshd processes serving connections (children of the listening sshd)."""
+    return psutil.Process(server.process.pid).children()
+
+
+def test_remote_process_build_streams_output_and_reports_its_pid(agent_factory, sshd, source_dir: Path) -> None:
+    """A process build on a remote server: source copied over SFTP, lines streamed, remote PID reported."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    command = "cat index.html; for i in 1 2 3; do echo line-$i; sleep 0.4; done; echo err-line >&2"
+    created = agent.submit({**process_build("edge", command), "source": {"type": "path", "path": str(source_dir)}})
+    building = agent.wait_for(created["id"], lambda d: d["status"] == "building" and d["pid"])
+    remote = psutil.Process(building["pid"])  # the "remote" server is this machine
+    assert remote.pid == building["pid"] and building["pid_started_at"]
+    assert "line-3" not in agent.log(created["id"]), "the first lines arrive while the build runs"
+    final = agent.wait_for(created["id"])
+    assert final["status"] == "succeeded", agent.log(created["id"])
+    log = agent.log(created["id"])
+    assert "build stdout | <h1>hello from source</h1>" in log
+    assert "build stdout | line-3" in log and "build stderr | err-line" in log
+    assert final["pid"] is None and final["server"] == "edge"
+
+
+def test_kill_ends_the_remote_process_and_its_children(agent_factory, sshd) -> None:
+    """Kill of a remote build signals its process group over SSH; every process of it is gone."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    created = agent.submit(process_build("edge", "sleep 300 & sleep 300 & echo started; wait"))
+    building = agent.wait_for(created["id"], lambda d: d["status"] == "building" and d["pid"])
+    deadline = time.monotonic() + 10
+    while "started" not in agent.log(created["id"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tree = [psutil.Process(building["pid"]), *psutil.Process(building["pid"]).children(recursive=True)]
+    assert len(tree) >= 3
+    assert agent.request("POST", f"/v1/deployments/{created['id']}/kill").status_code == 202
+    assert agent.wait_for(created["id"], timeout=15)["status"] == "cancelled"
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == []
+
+
+def test_unknown_host_and_key_mismatch_are_refused_before_anything_runs(agent_factory, sshd, tmp_path: Path) -> None:
+    """A server missing from known_hosts, or with another key there, fails the deployment; nothing runs."""
+    from tests.sshd import keygen
+
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+    other_key = keygen(tmp_path / "other_host_key").split()[:2]
+    mismatch = tmp_path / "known_hosts_mismatch"
+    mismatch.write_text(f"[{sshd.host}]:{sshd.port} {other_key[0]} {other_key[1]}\n")
+    extra = ""
+    for name, known in (("unknown", empty), ("mismatch", mismatch)):
+        extra += sshd.toml(name).replace(str(sshd.known_hosts), str(known))
+    agent = agent_factory(extra_toml=extra)
+    for name in ("unknown", "mismatch"):
+        marker = tmp_path / f"ran-{name}"
+        created = agent.submit(process_build(name, f"touch {marker}"))
+        final = agent.wait_for(created["id"], timeout=30)
+        assert final["status"] == "failed"
+        assert final["error"]["type"] == "host_key_rejected", final["error"]
+        assert "host key" in final["error"]["message"] and name in final["error"]["message"]
+        assert not marker.exists()
+    servers = {s["name"]: s for s in agent.request("GET", "/v1/servers").json()["data"]}
+    assert servers["unknown"]["reachable"] is False and "host key" in servers["unknown"]["error"]
+
+
+def test_a_dropped_connection_fails_the_deployment_and_the_next_one_reconnects(agent_factory, sshd) -> None:
+    """The SSH connection dies mid-build: that deployment fails saying so; the next one succeeds."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    created = agent.submit(process_build("edge", "echo started; sleep 60"))
+    agent.wait_for(created["id"], lambda d: d["status"] == "building" and d["pid"])
+    for session in sshd_sessions(sshd):
+        session.send_signal(signal.SIGKILL)
+    final = agent.wait_for(created["id"], timeout=30)
+    assert final["status"] == "failed"
+    assert "connection" in final["error"]["message"].lower()
+    again = agent.wait_for(agent.submit(process_build("edge", "echo reconnected"))["id"], timeout=30)
+    assert again["status"] == "succeeded", again
+    assert "reconnected" in agent.log(again["id"])
+
+
+def test_servers_endpoint_and_cli_check(agent_factory, sshd) -> None:
+    """GET /v1/servers reports reachability, latency and Docker version; the CLI checks one."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ADMIN_TOKEN
+
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    servers = agent.request("GET", "/v1/servers").json()["data"]
+    assert [s["name"] for s in servers] == ["edge"]
+    assert servers[0]["reachable"] is True and servers[0]["latency_ms"] >= 0
+    assert servers[0]["docker_version"]
+    env = {**os.environ, "DEPLOY_AGENT_URL": agent.url, "DEPLOY_AGENT_TOKEN": ADMIN_TOKEN}
+    checked = subprocess.run(
+        [sys.executable, "-m", "agent", "servers", "check", "edge"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "reachable" in checked.stdout
+    assert agent.request("GET", "/v1/servers/nope").status_code == 404
+
+
+def test_remote_container_build_and_release_through_the_forwarded_docker_socket(
+    agent_factory, sshd, docker_client: docker.DockerClient
+) -> None:
+    """Build and release in the server's Docker engine, health-checked through the SSH connection, then promoted."""
+    from tests.e2e.test_releases import web_request
+
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    first = agent.wait_for(agent.submit({**web_request("r1", application="rweb"), "server": "edge"})["id"], timeout=90)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    assert "health agent | attempt" in agent.log(first["id"])
+    second = agent.wait_for(agent.submit({**web_request("r2", application="rweb"), "server": "edge"})["id"], timeout=90)
+    assert second["status"] == "succeeded", agent.log(second["id"])
+    # The "remote" engine is this host's, reached through sshd: the release answers here too.
+    with urllib.request.urlopen(second["url"], timeout=5) as response:
+        assert response.read().decode().strip() == "r2"
+    assert containers_of(docker_client, first["id"]) == []
+    container = docker_client.containers.get(second["container_id"])
+    assert container.labels["deploy-agent.application"] == "rweb"
+
+
+def test_a_server_with_its_own_address(agent_factory, sshd_remote) -> None:
+    """A server in a network namespace at its own address runs a remote process release, checked from the agent."""
+    agent = remote_agent(agent_factory, ("far", sshd_remote))
+    body = {
+        "application": "farweb",
+        "server": "far",
+        "build": {"runtime": "process", "command": "echo far > index.html"},
+        "run": {"runtime": "process", "command": "exec busybox httpd -f -p $PORT -h ."},
+        "health_check": {"type": "http", "interval_s": 0.2, "retries": 25, "stable_s": 0.5},
+    }
+    final = agent.wait_for(agent.submit(body)["id"], timeout=60)
+    assert final["status"] == "succeeded", agent.log(final["id"])
+    assert final["url"].startswith(f"http://{sshd_remote.host}:")
+    with urllib.request.urlopen(final["url"], timeout=5) as response:
+        assert response.read().decode().strip() == "far"
+    assert agent.request("POST", "/v1/applications/farweb/stop").status_code == 202
