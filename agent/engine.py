@@ -294,7 +294,7 @@ class Engine:
     async def check_server(self, name: str) -> dict[str, Any]:
         if name not in self.config.servers:
             raise NotFound(f"server {name} is not configured (no [servers.{name}] in the config)")
-        return await self.servers.ssh.check(name)
+        return await self.servers.check(name)
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:

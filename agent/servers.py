@@ -7,6 +7,7 @@ it, so builds and container releases behave there exactly as they do here.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -19,6 +20,7 @@ from agent.runtimes.remote_process import RemoteProcessRuntime
 from agent.ssh import SshConnections
 
 LOCAL = "local"
+PROBE_TIMEOUT_S = 15.0
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -93,8 +95,19 @@ class Servers:
         return HealthTarget(self.config.servers[server].host, host_port)
 
     async def describe(self) -> list[dict[str, Any]]:
-        """Every configured server with its reachability, latency and Docker version."""
-        return [await self.ssh.check(name) for name in sorted(self.config.servers)]
+        """Every configured server with its reachability, latency and Docker version, probed at once."""
+        return list(await asyncio.gather(*(self.check(name) for name in sorted(self.config.servers))))
+
+    async def check(self, name: str) -> dict[str, Any]:
+        """One server, probed now; a server in reconnect backoff answers unreachable instead of hanging."""
+        try:
+            return await asyncio.wait_for(self.ssh.check(name), timeout=PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            server = self.config.servers[name]
+            return {
+                "name": name, "host": server.host, "port": server.port, "reachable": False, "latency_ms": None,
+                "docker_version": None, "error": f"no answer within {PROBE_TIMEOUT_S:g}s",
+            }
 
     async def close(self) -> None:
         for runtime in self._remote_containers.values():

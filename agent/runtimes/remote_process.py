@@ -113,9 +113,11 @@ class RemoteProcessRuntime:
 p={int(pid)}; t={int(started_at)}
 [ -r /proc/$p/stat ] || exit 3
 [ "$(cut -d' ' -f22 /proc/$p/stat)" = "$t" ] || exit 4
+# A member still counts while it is not a zombie (a zombie is dead, waiting for its parent).
+alive() {{ awk -v g=$p '$5 == g && $3 != "Z" {{ found = 1 }} END {{ exit !found }}' /proc/[0-9]*/stat 2>/dev/null; }}
 kill -TERM -$p 2>/dev/null
 i=0
-while kill -0 -$p 2>/dev/null; do
+while alive; do
   [ $i -eq {polls} ] && kill -KILL -$p 2>/dev/null
   [ $i -gt {polls + 100} ] && exit 5
   sleep 0.1; i=$((i+1))
