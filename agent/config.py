@@ -81,6 +81,7 @@ class ServerConfig:
     known_hosts: str | None = None
     port: int = 22
     docker_socket: str = "/var/run/docker.sock"
+    use_ssh_agent: bool = False  # also offer the keys of the agent's SSH agent ($SSH_AUTH_SOCK)
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ def _read_servers(reader: _Reader, table: Mapping[str, Any]) -> dict[str, Server
         if not isinstance(entry, dict):
             reader.problem(key, "must be a table")
             continue
-        reader.unknown(entry, f"{key}.", {"host", "port", "user", "identity_file", "known_hosts", "docker_socket"})
+        reader.unknown(entry, f"{key}.", {"host", "port", "user", "identity_file", "known_hosts", "docker_socket", "use_ssh_agent"})
         host = reader.typed(entry, "host", f"{key}.host", (str,), None)
         user = reader.typed(entry, "user", f"{key}.user", (str,), None)
         port = reader.typed(entry, "port", f"{key}.port", (int,), 22)
@@ -385,5 +386,6 @@ def _read_servers(reader: _Reader, table: Mapping[str, Any]) -> dict[str, Server
             docker_socket=reader.typed(
                 entry, "docker_socket", f"{key}.docker_socket", (str,), "/var/run/docker.sock"
             ),
+            use_ssh_agent=reader.typed(entry, "use_ssh_agent", f"{key}.use_ssh_agent", (bool,), False),
         )
     return servers

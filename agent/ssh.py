@@ -284,7 +284,7 @@ class SshConnections:
                 raise SshAuthFailed(
                     f"cannot use identity_file {config.identity_file} for server {name}: {_reason(exc)}", server=name
                 ) from None
-        if not self._use_agent:
+        if not (self._use_agent or config.use_ssh_agent):
             options["agent_path"] = None
         known_hosts = self._read_known_hosts(server)
         try:

@@ -469,3 +469,13 @@ def test_non_string_scope_is_a_problem_not_a_crash() -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_mapping({"auth": {"tokens": [{"name": "a", "token": "x" * 20, "scopes": [{"a": 1}]}]}})
     assert any("auth.tokens[0].scopes" in problem for problem in caught.value.problems)
+
+
+def test_server_options() -> None:
+    """A server takes docker_socket and use_ssh_agent; a wrong type names the key."""
+    base = {"host": "h", "user": "u", "known_hosts": "/k"}
+    config = Config.from_mapping({"servers": {"edge": {**base, "docker_socket": "/run/d.sock", "use_ssh_agent": True}}})
+    assert config.servers["edge"].docker_socket == "/run/d.sock" and config.servers["edge"].use_ssh_agent is True
+    with pytest.raises(ConfigError) as caught:
+        Config.from_mapping({"servers": {"edge": {**base, "use_ssh_agent": "yes"}}})
+    assert any("servers.edge.use_ssh_agent" in problem for problem in caught.value.problems)
