@@ -179,18 +179,7 @@ class Engine:
         """Records a deployment durably and wakes the scheduler; returns (deployment, created)."""
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
-        deployment_id = new_deployment_id()
-        now = utc_now()
-        record = Deployment(
-            id=deployment_id,
-            application=spec.application,
-            server=spec.server,
-            status="queued",
-            created_at=now,
-            updated_at=now,
-            log_path=str((self.config.logs_dir / f"{deployment_id}.log").resolve()),
-            spec=spec,
-        )
+        record = self._new_record(spec)
         deployment, created = await self.store.insert(
             record,
             idempotency_key=idempotency_key,
@@ -201,6 +190,22 @@ class Engine:
             logger.info("deployment queued", deployment_id=deployment.id, application=deployment.application)
             self._wakeup.set()
         return deployment, created
+
+    def _new_record(self, spec: DeploymentSpec, **fields: Any) -> Deployment:
+        """A queued deployment of `spec`, not yet stored."""
+        deployment_id = new_deployment_id()
+        now = utc_now()
+        return Deployment(
+            id=deployment_id,
+            application=spec.application,
+            server=spec.server,
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            log_path=str((self.config.logs_dir / f"{deployment_id}.log").resolve()),
+            spec=spec,
+            **fields,
+        )
 
     async def get(self, deployment_id: str) -> Deployment:
         return await self.store.get(deployment_id)
@@ -254,24 +259,14 @@ class Engine:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
         target = await self.store.get(deployment_id)
         await self.releases.check_rollback_target(target)
-        spec = dataclasses.replace(target.spec, source=None, build=None)
-        new_id = new_deployment_id()
-        now = utc_now()
-        record = Deployment(
-            id=new_id,
-            application=target.application,
-            server=target.server,
-            status="queued",
-            created_at=now,
-            updated_at=now,
-            log_path=str((self.config.logs_dir / f"{new_id}.log").resolve()),
-            spec=spec,
+        record = self._new_record(
+            dataclasses.replace(target.spec, source=None, build=None),
             rollback_of=target.id,
             release_image=target.release_image,
             release_from=target.release_from or target.id,
         )
         deployment, _ = await self.store.insert(record, max_queued=self.config.agent.max_queued)
-        logger.info("rollback queued", deployment_id=new_id, rollback_of=target.id)
+        logger.info("rollback queued", deployment_id=deployment.id, rollback_of=target.id)
         self._wakeup.set()
         return deployment
 
