@@ -112,4 +112,6 @@ class Servers:
     async def close(self) -> None:
         for runtime in self._remote_containers.values():
             await runtime.close()
+        for remote in self._remote_processes.values():
+            await remote.close()
         await self.ssh.close()
