@@ -167,6 +167,7 @@ class Engine:
             leftovers = [r for r in running if not r.done.is_set()]
             await asyncio.gather(*(self._stop_running(r, "shutdown") for r in leftovers))
         stopped = len(running) - drained
+        await self.releases.close()
         counts = {"drained": drained, "stopped": stopped}
         logger.info("engine stopped", **counts)
         return counts

@@ -8,6 +8,7 @@ one is stopped first and started again if the new one fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import structlog
 
 from agent.config import Config
-from agent.errors import Conflict, NotFound
+from agent.errors import AgentError, Conflict, NotFound
 from agent.health import HealthTarget, ReleaseUnhealthy, check_release
 from agent.logs import DeploymentLog
 from agent.models import Deployment
@@ -30,6 +31,8 @@ logger = structlog.get_logger("agent.releases")
 
 STAGE = "release"
 LAST_OUTPUT_LINES = 10
+REMOTE_RETRY_S = 5.0
+MAX_REMOTE_RETRY_S = 60.0
 
 
 class ReleaseFailed(Exception):
@@ -52,6 +55,7 @@ class ReleaseManager:
         self.servers = servers
         self.containers = servers.local_containers
         self._locks: dict[str, asyncio.Lock] = {}
+        self._remote_reconciler: asyncio.Task[None] | None = None
 
     def lock(self, application: str) -> asyncio.Lock:
         return self._locks.setdefault(application, asyncio.Lock())
@@ -338,14 +342,17 @@ class ReleaseManager:
             code="release_pruned",
         )
         image = target.release_image
+        origin = target.release_from or target.id
+        if target.spec.run.runtime == "process" and target.server != LOCAL:
+            remote = self.servers.remote_processes(target.server)
+            if not await remote.has_dir(str(remote_release_dir(origin))):
+                raise pruned
+            return
         containers = await self.servers.containers(target.server)
         if target.spec.run.runtime == "container":
             if image is None or not await containers.image_exists(image):
                 raise pruned
             return
-        origin = target.release_from or target.id
-        if target.server != LOCAL:
-            return  # the remote release directory is kept; retention does not prune it
         has_image = image is not None and image.startswith("deploy-agent/") and await containers.image_exists(image)
         if not has_image and not (self.config.releases_dir / origin).is_dir():
             raise pruned
@@ -363,9 +370,15 @@ class ReleaseManager:
         `newest` is (deployment id, image) of a release being promoted right now, counted
         first although its status is not `succeeded` yet.
         """
-        releases = [_Kept(d.id, d.release_image) for d in await self.store.succeeded_releases(application)]
+        releases = [
+            _Kept(d.id, d.release_image, d.server, d.release_from or d.id)
+            for d in await self.store.succeeded_releases(application)
+        ]
         if newest is not None:
-            releases = [_Kept(*newest)] + [r for r in releases if r.id != newest[0]]
+            newest_deployment = await self.store.get(newest[0])
+            releases = [
+                _Kept(*newest, newest_deployment.server, newest_deployment.release_from or newest[0])
+            ] + [r for r in releases if r.id != newest[0]]
         keep = releases[: self.config.releases.retention]
         try:
             current = (await self.store.get_application(application)).deployment_id
@@ -374,14 +387,24 @@ class ReleaseManager:
         kept_images = {d.release_image for d in keep if d.release_image}
         kept_images |= {d.release_image for d in releases if d.id == current and d.release_image}
         removed: list[str] = []
-        containers = await self.servers.containers(server)
-        for image in await containers.list_release_images(application):
-            if image not in kept_images and await containers.remove_image(image):
-                removed.append(image)
+        # A remote server serving only host processes may have no Docker engine to ask.
+        if server == LOCAL or any(d.release_image for d in releases):
+            containers = await self.servers.containers(server)
+            for image in await containers.list_release_images(application):
+                if image not in kept_images and await containers.remove_image(image):
+                    removed.append(image)
         kept_ids = {d.id for d in keep} | {current}
+        # A remote rollback runs in its target's directory: that directory stays while either is kept.
+        kept_dirs = {d.origin for d in releases if d.id in kept_ids}
         for deployment in releases[len(keep):]:
-            if deployment.id not in kept_ids:
+            if deployment.id in kept_ids:
+                continue
+            if deployment.server == LOCAL:
                 await remove_workspace(self.config.releases_dir / deployment.id)
+            elif deployment.origin not in kept_dirs:
+                await self.servers.remote_processes(deployment.server).remove_dir(
+                    str(remote_release_dir(deployment.origin))
+                )
         if removed and log is not None:
             log.agent(STAGE, f"pruned {len(removed)} old release image(s): {', '.join(removed)}")
         return removed
@@ -389,35 +412,34 @@ class ReleaseManager:
     # --- after a restart -------------------------------------------------------------------
 
     async def reconcile(self, interrupted: list[Deployment]) -> None:
-        """Removes releases of interrupted deployments and makes sure current releases serve."""
+        """Removes releases of interrupted deployments and makes sure current releases serve.
+
+        Local releases are settled here; those on remote servers in the background, because a
+        server may be unreachable for a while and must not hold up this host's deployments.
+        """
+        remote_apps: list[str] = []
         for deployment in interrupted:
-            if deployment.release is not None:
-                handle = ReleaseHandle.from_dict(deployment.release)
+            if deployment.release is None:
+                continue
+            handle = ReleaseHandle.from_dict(deployment.release)
+            if deployment.server == LOCAL:
+                await (await self.runtime_of(handle.runtime, LOCAL)).remove_release(handle, 0)
+                continue
+            try:
                 await (await self.runtime_of(handle.runtime, deployment.server)).remove_release(handle, 0)
+            except AgentError as exc:
+                logger.warning("could not remove the release of an interrupted deployment",
+                               deployment_id=deployment.id, server=deployment.server, error=exc.message)
         current_ids: set[str] = set()
         for app in await self.store.list_applications():
             current_ids.add(app.deployment_id)
             deployment = await self.store.get(app.deployment_id)
-            if app.state != "running" or deployment.release is None or deployment.server != LOCAL:
+            if app.state != "running" or deployment.release is None:
                 continue
-            handle = ReleaseHandle.from_dict(deployment.release)
-            runtime = await self.runtime_of(handle.runtime, deployment.server)
-            state = await runtime.release_state(handle)
-            if not state.running:
-                logger.warning("current release is not running; starting it again", application=app.name)
-                await self.resume(deployment, handle)
-            elif handle.runtime == "container":
-                # Docker gives a restarted container new ephemeral ports and a new pid.
-                refreshed = await self.containers.refresh_release(handle)
-                if refreshed is not None and refreshed != handle:
-                    await self.store.update(
-                        deployment.id, release=refreshed.to_dict(), pid=refreshed.pid,
-                        url=_url_of(
-                            refreshed, deployment.spec.run.port if deployment.spec.run else None, refreshed.host
-                        ),
-                    )
-                    handle = refreshed
-                await self.containers.attach_release_output(handle, Path(deployment.log_path))
+            if deployment.server != LOCAL:
+                remote_apps.append(app.name)
+                continue
+            await self._settle_current(deployment)
         await self.containers.remove_copy_containers()
         for container in await self.containers.list_release_containers():
             if container.deployment_id not in current_ids:
@@ -427,12 +449,71 @@ class ReleaseManager:
                 )
                 await self.containers.remove_release(orphan, 0)
                 logger.info("removed an orphan release container", deployment_id=container.deployment_id)
+        if remote_apps and self._remote_reconciler is None:
+            self._remote_reconciler = asyncio.create_task(self._reconcile_remote(remote_apps), name="remote-reconcile")
+
+    async def _reconcile_remote(self, applications: list[str]) -> None:
+        """Settles the current release of each remote application, retrying those whose server is away."""
+        delay = REMOTE_RETRY_S
+        pending = list(applications)
+        while pending:
+            failed: list[str] = []
+            for name in pending:
+                try:
+                    async with self.lock(name):
+                        app = await self.store.get_application(name)
+                        deployment = await self.store.get(app.deployment_id)
+                        if app.state == "running" and deployment.release is not None:
+                            await self._settle_current(deployment)
+                except AgentError as exc:
+                    logger.warning("could not check a remote release; retrying", application=name,
+                                   error=exc.message, retry_in_s=delay)
+                    failed.append(name)
+            pending = failed
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_REMOTE_RETRY_S)
+
+    async def _settle_current(self, deployment: Deployment) -> None:
+        """Starts a current release that is not running again, or follows its output once more."""
+        handle = ReleaseHandle.from_dict(deployment.release or {})
+        runtime = await self.runtime_of(handle.runtime, deployment.server)
+        state = await runtime.release_state(handle)
+        if not state.running:
+            logger.warning("current release is not running; starting it again", application=deployment.application)
+            await self.resume(deployment, handle)
+            return
+        if handle.runtime == "process":
+            if deployment.server != LOCAL:
+                self.servers.remote_processes(deployment.server).follow_release(handle, Path(deployment.log_path))
+            return
+        containers = await self.servers.containers(deployment.server)
+        # Docker gives a restarted container new ephemeral ports and a new pid.
+        refreshed = await containers.refresh_release(handle)
+        if refreshed is not None and refreshed != handle:
+            port = deployment.spec.run.port if deployment.spec.run else None
+            await self.store.update(
+                deployment.id, release=refreshed.to_dict(), pid=refreshed.pid,
+                url=_url_of(refreshed, port, self.servers.address_of(deployment.server, refreshed)),
+            )
+            handle = refreshed
+        await containers.attach_release_output(handle, Path(deployment.log_path))
+
+    async def close(self) -> None:
+        """Stops the background reconciliation of remote releases."""
+        if self._remote_reconciler is not None:
+            self._remote_reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._remote_reconciler
+            self._remote_reconciler = None
 
 
 @dataclass(frozen=True)
 class _Kept:
     id: str
     release_image: str | None
+    server: str
+    origin: str  # the deployment whose (remote) release directory this release runs in
 
 
 def remote_release_dir(deployment_id: str) -> Path:

@@ -66,7 +66,8 @@ class Servers:
         runtime = self._remote_processes.get(server)
         if runtime is None:
             runtime = RemoteProcessRuntime(
-                server, lambda: self.ssh.connection(server), kill_grace_s=self.config.agent.kill_grace_s
+                server, lambda: self.ssh.connection(server), kill_grace_s=self.config.agent.kill_grace_s,
+                state_dir=self.config.run_dir / "remote-releases" / server,
             )
             self._remote_processes[server] = runtime
         return runtime

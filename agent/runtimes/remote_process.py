@@ -36,6 +36,7 @@ import asyncssh
 from agent.errors import AgentError, RuntimeFailure
 from agent.logs import DeploymentLog, LineSplitter
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
+from agent.runtimes.remote_output import LIVENESS_EVERY_S, OutputFollower
 from agent.workspace import redact_url
 
 Connect = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
@@ -112,12 +113,32 @@ fi
 if alive_members; then echo survived; else echo killed; fi
 """
 
-# Prints "running" while $pid is the process started at $want and not a zombie, else "gone".
+# Prints "running" while $pid is the process started at $want and not a zombie, else "gone" and
+# the exit code its supervisor left in $run/exit_code, if any.
 _STATE_SCRIPT = r"""
-{ read -r s < "/proc/$pid/stat"; } 2>/dev/null || { echo gone; exit 0; }
-s=${s##*) }
-set -- $s
-if [ "${20}" = "$want" ] && [ "$1" != Z ]; then echo running; else echo gone; fi
+if { read -r s < "/proc/$pid/stat"; } 2>/dev/null; then
+  s=${s##*) }
+  set -- $s
+  if [ "${20}" = "$want" ] && [ "$1" != Z ]; then echo running; exit 0; fi
+fi
+code=
+[ -r "$run/exit_code" ] && read -r code < "$run/exit_code"
+echo gone $code
+"""
+
+# Runs a release as its child and writes its exit code to $run/exit_code when it ends. It
+# survives SIGTERM to the group (trap) just long enough to record how the command ended.
+_SUPERVISOR_SCRIPT = r"""
+run=$1; shift
+trap : TERM INT HUP
+"$@" &
+child=$!
+while :; do
+  wait "$child"; code=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+echo "$code" > "$run/exit_code.tmp" && mv -f "$run/exit_code.tmp" "$run/exit_code"
+exit "$code"
 """
 
 
@@ -135,23 +156,30 @@ class RemoteBuildJob:
 
 @dataclass
 class _Release:
-    """A release this runtime started and still follows: its channel, output tail and exit."""
+    """A release this runtime follows: its output follower and, if this agent started it, its channel."""
 
     pid: int
     started_at: float
-    session: "_CommandSession"
-    log: DeploymentLog
-    task: asyncio.Task[None] | None = None
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES_KEPT))
+    follower: OutputFollower
+    task: asyncio.Task[None]
+    session: "_CommandSession | None" = None
 
 
 class RemoteProcessRuntime:
     """Runs builds and process releases on one server; implements `ReleaseRuntime` for "process"."""
 
     def __init__(
-        self, server_name: str, connect: Connect, *, kill_grace_s: float = 10.0, remote_root: str = ".deploy-agent"
+        self,
+        server_name: str,
+        connect: Connect,
+        *,
+        kill_grace_s: float = 10.0,
+        remote_root: str = ".deploy-agent",
+        state_dir: Path | None = None,
     ) -> None:
         self.server_name = server_name
+        # Where the read offsets of release output are kept, so a restarted agent resumes them.
+        self.state_dir = state_dir
         self.kill_grace_s = kill_grace_s
         self.remote_root = posixpath.normpath(remote_root)
         self._connect = connect
@@ -160,6 +188,10 @@ class RemoteProcessRuntime:
     def workspace_dir(self, deployment_id: str) -> str:
         """The remote workspace directory of a deployment, under `remote_root`."""
         return f"{self.remote_root}/workspaces/{deployment_id}"
+
+    def run_dir(self, deployment_id: str) -> str:
+        """Where a release's output files and exit code live on the server."""
+        return f"{self.remote_root}/run/{deployment_id}"
 
     # -- workspaces ----------------------------------------------------------------------------
 
@@ -224,6 +256,15 @@ class RemoteProcessRuntime:
             raise RuntimeFailure(f"git checkout of {ref} on server {self.server_name} failed with exit code {code}",
                                  exit_code=code)
         log.agent(SOURCE_STAGE, f"checked out {ref} at {commit[:12]}")
+
+    async def has_dir(self, remote_dir: str) -> bool:
+        """Whether `remote_dir` is a directory on the server."""
+        connection = await self._connection()
+        try:
+            async with connection.start_sftp_client() as sftp:
+                return bool(await sftp.isdir(remote_dir))
+        except (asyncssh.SFTPError, *_CONNECTION_ERRORS) as exc:
+            raise RuntimeFailure(f"looking for {remote_dir} on server {self.server_name} failed: {_describe(exc)}") from exc
 
     async def remove_dir(self, remote_dir: str) -> None:
         """Deletes a directory under `remote_root` on the server; a missing one is fine."""
@@ -314,23 +355,30 @@ class RemoteProcessRuntime:
     # -- ReleaseRuntime ------------------------------------------------------------------------
 
     async def start_release(self, spec: ReleaseSpec, log: DeploymentLog) -> ReleaseHandle:
-        """Starts the command in `spec.workdir` (a remote path) and returns once its pid is known."""
+        """Starts the command in `spec.workdir` (a remote path) under a supervisor; returns once its pid is known.
+
+        The supervisor writes the output to files in `run_dir` and the exit code after it, so the
+        release does not depend on the agent's connection; a follower copies the files into the log.
+        """
         if not spec.command:
             raise RuntimeFailure("a process release needs a command")
         if spec.workdir is None:
             raise RuntimeFailure("a process release needs a working directory")
         env = {"PORT": str(spec.ports[0])} if spec.ports else {}
         env.update({str(key): str(value) for key, value in spec.env.items()})
-        script = launch_script(str(spec.workdir), env, spec.command)
-        release_log = DeploymentLog(spec.log_path)
-        output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        script = launch_script(str(spec.workdir), env, spec.command, supervise_in=self.run_dir(spec.deployment_id))
+        previous = self._releases.pop(spec.deployment_id, None)
+        if previous is not None:
+            await _forget(previous)
+        follower = self._follower(spec.deployment_id, spec.log_path, fresh=True)
         try:
             connection = await self._connection()
             host = _peer_host(connection)
-            session = await self._open(script, _LineSink(release_log, RELEASE_STAGE, output), "the release",
-                                       connection=connection)
+            session = await self._open(
+                script, _LineSink(follower.log, RELEASE_STAGE, follower.tail), "the release", connection=connection
+            )
         except BaseException:
-            release_log.close()
+            follower.log.close()
             raise
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -338,30 +386,25 @@ class RemoteProcessRuntime:
             session.proceed()
         except BaseException as exc:
             session.close()
-            release_log.close()
+            follower.log.close()
             if isinstance(exc, TimeoutError):
                 raise RuntimeFailure(f"the release did not start within {START_TIMEOUT_S:g}s") from exc
             raise
         if started is None:
             session.close()
-            release_log.close()
+            follower.log.close()
             if session.lost is not None:
                 raise RuntimeFailure(
                     f"connection to server {self.server_name} was lost while starting the release: "
                     f"{_describe(session.lost)}"
                 )
-            reason = f": {output[-1]}" if output else ""
+            reason = f": {follower.tail[-1]}" if follower.tail else ""
             raise RuntimeFailure(
                 f"the release command could not start (exit code {session.exit_code}){reason}",
                 exit_code=session.exit_code,
             )
         pid, started_at = started
-        previous = self._releases.pop(spec.deployment_id, None)
-        if previous is not None:
-            await _forget(previous)
-        release = _Release(pid=pid, started_at=started_at, session=session, log=release_log, output=output)
-        release.task = asyncio.create_task(self._follow_release(release), name=f"remote-release-{pid}")
-        self._releases[spec.deployment_id] = release
+        self._releases[spec.deployment_id] = self._follow(spec.deployment_id, pid, started_at, follower, session)
         log.agent(RELEASE_STAGE, f"started process {pid} on server {self.server_name}: {_display(spec.command)}")
         return ReleaseHandle(
             runtime="process",
@@ -374,18 +417,23 @@ class RemoteProcessRuntime:
             process_group=pid,
         )
 
+    def follow_release(self, handle: ReleaseHandle, log_path: Path) -> None:
+        """Copies a running release's output into `log_path` again, from where it stopped (after a restart)."""
+        if handle.pid is None or handle.pid_started_at is None or self._release_of(handle) is not None:
+            return
+        follower = self._follower(handle.deployment_id, log_path, fresh=False)
+        self._releases[handle.deployment_id] = self._follow(
+            handle.deployment_id, handle.pid, handle.pid_started_at, follower, None
+        )
+
     async def release_state(self, handle: ReleaseHandle) -> ReleaseState:
-        """Running while its pid has the same start time and is no zombie; else its exit code if seen."""
+        """Running while its pid has the same start time and is no zombie; else the exit code it left."""
         if handle.pid is None or handle.pid_started_at is None:
             return ReleaseState(running=False)
-        if await self._is_running(handle.pid, handle.pid_started_at):
+        running, exit_code = await self._state(handle.pid, handle.pid_started_at, self.run_dir(handle.deployment_id))
+        if running:
             return ReleaseState(running=True, pid=handle.pid)
-        release = self._release_of(handle)
-        if release is None:
-            return ReleaseState(running=False)
-        # It just ended: its exit status may still be on its way over the channel.
-        await release.session.wait_closed(EXIT_REPORT_S)
-        return ReleaseState(running=False, exit_code=release.session.exit_code)
+        return ReleaseState(running=False, exit_code=exit_code)
 
     async def stop_release(self, handle: ReleaseHandle, grace_s: float) -> None:
         """SIGTERM to the release's group, SIGKILL after `grace_s`; keeps what resume needs."""
@@ -397,7 +445,11 @@ class RemoteProcessRuntime:
         await self.kill_group(group, handle.pid_started_at, grace_s)
         release = self._release_of(handle)
         if release is not None:
-            await release.session.wait_closed(EXIT_REPORT_S)
+            # Let the follower copy the last lines and the exit before the caller moves on.
+            release.follower.wake.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_REPORT_S + LIVENESS_EVERY_S):
+                    await release.follower.ended.wait()
 
     async def resume_release(self, handle: ReleaseHandle, spec: ReleaseSpec, log: DeploymentLog) -> ReleaseHandle:
         """A process cannot be resumed: makes sure the old one is gone and starts the command again."""
@@ -405,22 +457,25 @@ class RemoteProcessRuntime:
         return await self.start_release(spec, log)
 
     async def remove_release(self, handle: ReleaseHandle, grace_s: float) -> None:
-        """Stops the release and forgets it; its directory belongs to the engine. No-op when gone."""
+        """Stops the release and removes its output files; its directory belongs to the engine."""
         await self.stop_release(handle, grace_s)
         release = self._releases.get(handle.deployment_id)
         if release is not None and release.pid == handle.pid:
             del self._releases[handle.deployment_id]
             await _forget(release)
+        if self.state_dir is not None:
+            self._offsets_file(handle.deployment_id).unlink(missing_ok=True)
+        await self.remove_dir(self.run_dir(handle.deployment_id))
 
     async def last_output(self, handle: ReleaseHandle, lines: int) -> list[str]:
         """The release's last output lines (stdout and stderr) this agent saw; at most 50."""
         release = self._release_of(handle)
         if release is None or lines <= 0:
             return []
-        return list(release.output)[-lines:]
+        return list(release.follower.tail)[-lines:]
 
     async def close(self) -> None:
-        """Stops following every release (they keep running) and closes their channels and logs."""
+        """Stops following every release (they keep running, writing to their files) and closes channels."""
         releases = list(self._releases.values())
         self._releases.clear()
         for release in releases:
@@ -499,15 +554,41 @@ class RemoteProcessRuntime:
                 return output.strip()
         return None
 
-    async def _is_running(self, pid: int, started_at: float) -> bool:
+    async def _state(self, pid: int, started_at: float, run_dir: str) -> tuple[bool, int | None]:
+        """(running, exit code once it has ended and its supervisor recorded one)."""
         if not float(started_at).is_integer():
-            return False
-        script = f"pid={int(pid)}; want={int(started_at)}\n{_STATE_SCRIPT}"
+            return False, None
+        script = f"pid={int(pid)}; want={int(started_at)}; run={shlex.quote(run_dir)}\n{_STATE_SCRIPT}"
         _, output, error = await self._query(script, f"checking process {pid}")
-        verdict = output.strip()
-        if verdict not in ("running", "gone"):
-            raise RuntimeFailure(f"checking process {pid} on server {self.server_name} failed: {error or verdict}")
-        return verdict == "running"
+        verdict = output.split()
+        if not verdict or verdict[0] not in ("running", "gone"):
+            raise RuntimeFailure(f"checking process {pid} on server {self.server_name} failed: {error or output}")
+        code = int(verdict[1]) if len(verdict) > 1 and verdict[1].lstrip("-").isdigit() else None
+        return verdict[0] == "running", code
+
+    def _offsets_file(self, deployment_id: str) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"{deployment_id}.offsets"
+
+    def _follower(self, deployment_id: str, log_path: Path, *, fresh: bool) -> OutputFollower:
+        offsets = self._offsets_file(deployment_id) if self.state_dir is not None else None
+        if fresh and offsets is not None:
+            offsets.unlink(missing_ok=True)
+        return OutputFollower(
+            server_name=self.server_name, run_dir=self.run_dir(deployment_id), log=DeploymentLog(log_path),
+            connect=self._connection, offsets_file=offsets,
+            tail=deque(maxlen=OUTPUT_LINES_KEPT),
+        )
+
+    def _follow(
+        self, deployment_id: str, pid: int, started_at: float, follower: OutputFollower,
+        session: "_CommandSession | None",
+    ) -> _Release:
+        async def is_running() -> bool:
+            return (await self._state(pid, started_at, follower.run_dir))[0]
+
+        task = asyncio.create_task(follower.run(pid, is_running), name=f"remote-release-{deployment_id}")
+        return _Release(pid=pid, started_at=started_at, follower=follower, task=task, session=session)
 
     async def _cleanup_group(self, started: tuple[int, float], log: DeploymentLog, stage: str) -> None:
         """Ends whatever is left of a command's group, within a budget; failures only go to the log."""
@@ -536,20 +617,6 @@ class RemoteProcessRuntime:
         message = f"connection to server {self.server_name} was lost during {what}: {reason}{aftermath}"
         log.agent(stage, message)
         raise RuntimeFailure(message)
-
-    async def _follow_release(self, release: _Release) -> None:
-        """Waits for the release's channel to close, then notes how it ended and closes its log."""
-        try:
-            await release.session.closed.wait()
-            if release.session.lost is not None or release.session.exit_code is None:
-                release.log.agent(
-                    RELEASE_STAGE,
-                    f"lost the output of process {release.pid}: the connection to server {self.server_name} closed",
-                )
-            else:
-                release.log.agent(RELEASE_STAGE, f"process {release.pid} exited with code {release.session.exit_code}")
-        finally:
-            release.log.close()
 
     def _release_of(self, handle: ReleaseHandle) -> _Release | None:
         release = self._releases.get(handle.deployment_id)
@@ -690,11 +757,18 @@ class _CommandSession(asyncssh.SSHClientSession[bytes]):
 
 
 def launch_script(
-    directory: str, env: Mapping[str, str], command: tuple[str, ...] | list[str] | str, *, create_dir: bool = False
+    directory: str,
+    env: Mapping[str, str],
+    command: tuple[str, ...] | list[str] | str,
+    *,
+    create_dir: bool = False,
+    supervise_in: str | None = None,
 ) -> str:
     """The remote command line: cd, env, report `MARKER pid starttime`, wait for "go", exec the command.
 
-    Runs under /bin/sh whatever the login shell is; `exec` keeps the session leader's pid.
+    Runs under /bin/sh whatever the login shell is; `exec` keeps the session leader's pid. With
+    `supervise_in` (a run directory), the command runs under the supervisor with its output in
+    files there, detached from the channel's pipes.
     """
     for name in env:
         if not _ENV_NAME.match(name):
@@ -709,6 +783,19 @@ def launch_script(
         target = shlex.join(str(part) for part in command)
     quoted_dir = shlex.quote(directory)
     lines = ["unset CDPATH"]
+    if supervise_in is not None:
+        run = shlex.quote(supervise_in)
+        # Prepared from the login's home, where relative run directories are meant.
+        lines += [
+            f"mkdir -p -- {run} || exit",
+            f"rm -f -- {run}/exit_code",
+            f': > {run}/stdout && : > {run}/stderr || exit',
+            f'_da_run=$(cd -- {run} && pwd) || exit',
+        ]
+        target = (
+            f'/bin/sh -c {shlex.quote(_SUPERVISOR_SCRIPT)} deploy-agent-supervisor "$_da_run" {target}'
+            ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr"'
+        )
     if create_dir:
         lines.append(f"mkdir -p -- {quoted_dir} || exit")
     lines += [
@@ -749,13 +836,12 @@ def _peer_host(connection: asyncssh.SSHClientConnection) -> str:
 
 
 async def _forget(release: _Release) -> None:
-    """Stops following a release: closes its channel and ends its follower task."""
-    release.session.close()
-    if release.task is not None:
-        release.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await release.task
-    release.log.close()
+    """Stops following a release (it keeps running): ends its follower and closes its channel."""
+    if release.session is not None:
+        release.session.close()
+    release.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await release.task
 
 
 # -- uploads ---------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import docker
+import psutil
 import pytest
 import requests
 
@@ -143,10 +146,14 @@ def agent_factory(tmp_path: Path, docker_client: docker.DockerClient, base_image
     for agent in started:
         if agent.process is not None:
             agent.stop(signal.SIGKILL if os.environ.get("FAST_TEARDOWN") else signal.SIGTERM)
-    _remove_test_containers(docker_client, started)
+    _remove_leftovers(docker_client, started)
 
 
-def _remove_test_containers(client: docker.DockerClient, agents: list[AgentProcess]) -> None:
+def _remove_leftovers(client: docker.DockerClient, agents: list[AgentProcess]) -> None:
+    """Removes the containers and remote-server releases (processes and directories) of these agents.
+
+    Releases outlive the agent by design; the tests' "remote" servers are this machine's root login.
+    """
     ids: set[str] = set()
     for agent in agents:
         logs_dir = agent.state_dir / "logs"
@@ -155,6 +162,22 @@ def _remove_test_containers(client: docker.DockerClient, agents: list[AgentProce
     for container in client.containers.list(all=True, filters={"label": "deploy-agent.deployment"}):
         if container.labels.get("deploy-agent.deployment") in ids:
             container.remove(force=True)
+    remote_root = Path.home() / ".deploy-agent"
+    dirs = [remote_root / kind / deployment_id for deployment_id in ids for kind in ("releases", "run", "workspaces")]
+    for process in psutil.process_iter():
+        try:
+            cwd = Path(process.cwd())
+        except psutil.Error:
+            continue
+        if any(cwd == directory or directory in cwd.parents for directory in dirs):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                group = os.getpgid(process.pid)
+                if group == os.getpgrp():
+                    process.kill()
+                else:
+                    os.killpg(group, signal.SIGKILL)
+    for directory in dirs:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

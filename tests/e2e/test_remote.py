@@ -161,3 +161,89 @@ def test_a_server_with_its_own_address(agent_factory, sshd_remote) -> None:
     with urllib.request.urlopen(final["url"], timeout=5) as response:
         assert response.read().decode().strip() == "far"
     assert agent.request("POST", "/v1/applications/farweb/stop").status_code == 202
+
+
+def remote_web(version: str, application: str = "rapp") -> dict[str, Any]:
+    """A remote process release: busybox httpd serving a page that says `version`, with a heartbeat."""
+    return {
+        "application": application,
+        "server": "edge",
+        "build": {"runtime": "process", "command": f"echo {version} > index.html"},
+        "run": {
+            "runtime": "process",
+            "command": f"while :; do echo beat-{version}; sleep 0.2; done & exec busybox httpd -f -p $PORT -h .",
+        },
+        "health_check": {"type": "http", "interval_s": 0.2, "retries": 25, "stable_s": 0.5},
+    }
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode().strip()
+
+
+def group_of(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter() if _pgid(p.pid) == pid]
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_a_remote_release_keeps_serving_across_an_agent_restart(agent_factory, sshd) -> None:
+    """SIGKILL of the agent: the remote release keeps running; the restarted agent follows its output
+    again and still owns it (the next deployment replaces it and no process of it is left)."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    first = agent.wait_for(agent.submit(remote_web("v1"))["id"], timeout=60)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    log_file = agent.state_dir / "logs" / f"{first['id']}.log"
+    beats_while_down = log_file.read_text().count("beat-v1")
+    time.sleep(1.0)
+    assert fetch(first["url"]) == "v1"
+    agent.start()
+    deadline = time.monotonic() + 15
+    while log_file.read_text().count("beat-v1") < beats_while_down + 10:
+        assert time.monotonic() < deadline, "the restarted agent does not follow the release's output"
+        time.sleep(0.1)
+    app = agent.request("GET", "/v1/applications/rapp").json()
+    assert app["state"] == "running" and app["pid"] == first["pid"]
+    old_group = group_of(first["pid"])
+    assert len(old_group) >= 2
+
+    second = agent.wait_for(agent.submit(remote_web("v2"))["id"], timeout=60)
+    assert second["status"] == "succeeded", agent.log(second["id"])
+    assert fetch(second["url"]) == "v2"
+    gone, alive = psutil.wait_procs(old_group, timeout=10)
+    assert alive == [], "the previous release was left running after the restart"
+
+
+def test_rollback_and_retention_on_a_remote_server(agent_factory, sshd) -> None:
+    """Three remote releases with retention 2: the oldest directory is pruned on the server (rollback
+    to it is refused with 409), and rollback to the previous one serves it again in its own directory."""
+    agent = remote_agent(agent_factory, ("edge", sshd), releases={"retention": 2})
+    finals = []
+    for version in ("v1", "v2", "v3"):
+        final = agent.wait_for(agent.submit(remote_web(version))["id"], timeout=60)
+        assert final["status"] == "succeeded", agent.log(final["id"])
+        finals.append(final)
+    remote_releases = Path.home() / ".deploy-agent" / "releases"
+    assert not (remote_releases / finals[0]["id"]).exists(), "retention did not prune the remote directory"
+    assert (remote_releases / finals[1]["id"]).is_dir() and (remote_releases / finals[2]["id"]).is_dir()
+
+    refused = agent.request("POST", f"/v1/deployments/{finals[0]['id']}/rollback")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "release_pruned", refused.text
+
+    rollback = agent.request("POST", f"/v1/deployments/{finals[1]['id']}/rollback")
+    assert rollback.status_code in (200, 201, 202), rollback.text
+    rolled = agent.wait_for(rollback.json()["id"], timeout=60)
+    assert rolled["status"] == "succeeded", agent.log(rolled["id"])
+    assert rolled["server"] == "edge" and fetch(rolled["url"]) == "v2"
+    app = agent.request("GET", "/v1/applications/rapp").json()
+    assert app["current_deployment_id"] == rolled["id"] and app["state"] == "running"
+    assert (remote_releases / finals[1]["id"]).is_dir()

@@ -486,3 +486,59 @@ async def test_a_server_in_its_own_network_namespace_runs_builds_and_releases(
         started.cleanup()
         await runtime.close()
         await connections.close()
+
+
+async def test_a_release_outlives_the_agent_and_its_output_resumes_without_gaps_or_repeats(
+    sshd: SshServer, remote_root: Path, tmp_path: Path
+) -> None:
+    """The agent's connection goes away (restart): the release keeps running and writing; a new
+    runtime with the same state picks its output up where the old one stopped, then stops it."""
+    state_dir = tmp_path / "state"
+    workdir = remote_root / "releases" / "dep_release"
+    workdir.mkdir(parents=True)
+    command = 'i=0; while :; do echo "line $i"; i=$((i + 1)); sleep 0.05; done'
+    spec = release_spec(tmp_path, workdir, command, free_port())
+
+    def stdout_lines() -> list[str]:
+        return [text for stage, stream, text in log_lines(spec.log_path) if stream == "stdout"]
+
+    first_connections = Connections(sshd)
+    first = RemoteProcessRuntime("edge", first_connections, kill_grace_s=1.0, remote_root=str(remote_root),
+                                 state_dir=state_dir)
+    with DeploymentLog(tmp_path / "agent.log") as log:
+        handle = await first.start_release(spec, log)
+    assert handle.pid is not None
+    try:
+        await eventually(lambda: len(stdout_lines()) >= 5, "the first lines")
+        await first.close()
+        await first_connections.close()
+        seen_before = len(stdout_lines())
+        await asyncio.sleep(1.0)
+        process = psutil.Process(handle.pid)
+        assert alive(process) and start_ticks(handle.pid) == handle.pid_started_at, "the release died with the agent"
+        assert len(stdout_lines()) <= seen_before + 1, "output kept arriving with nobody following"
+
+        second_connections = Connections(sshd)
+        second = RemoteProcessRuntime("edge", second_connections, kill_grace_s=1.0, remote_root=str(remote_root),
+                                      state_dir=state_dir)
+        try:
+            second.follow_release(handle, spec.log_path)
+            await eventually(lambda: len(stdout_lines()) >= seen_before + 30, "output after the restart")
+            assert (await second.release_state(handle)).running
+            await second.stop_release(handle, 1.0)
+            assert not alive(process)
+            state = await second.release_state(handle)
+            assert not state.running and state.exit_code == 128 + signal.SIGTERM
+            lines = stdout_lines()
+            assert lines == [f"line {n}" for n in range(len(lines))], "output was lost or repeated"
+            assert any(f"process {handle.pid} on server edge exited with code 143" in raw
+                       for raw in spec.log_path.read_text().splitlines())
+            await second.remove_release(handle, 1.0)
+            assert not (remote_root / "run" / "dep_release").exists()
+            assert not list(state_dir.glob("*.offsets"))
+        finally:
+            await second.close()
+            await second_connections.close()
+    finally:
+        if start_ticks(handle.pid) == handle.pid_started_at:
+            os.killpg(handle.pid, signal.SIGKILL)

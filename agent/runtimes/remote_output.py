@@ -1,0 +1,168 @@
+"""Copies a remote release's output files into its local deployment log, over SFTP.
+
+A remote release writes its stdout and stderr to files on the server (so that it
+never depends on the agent's connection staying up), and its supervisor writes
+`exit_code` when the command ends. This follower polls those files: new bytes
+go into the log as lines, and how far it got is kept in a small local file, so
+that an agent restarted later resumes where it stopped instead of repeating or
+losing output. Polling needs no process of its own on the server, so nothing is
+left behind there when the agent goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import posixpath
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import asyncssh
+import structlog
+
+from agent.errors import AgentError
+from agent.logs import DeploymentLog, LineSplitter
+from agent.runtimes.base import RELEASE_STAGE
+
+logger = structlog.get_logger("agent.remote_output")
+
+POLL_S = 0.25
+# Without an exit_code file (the supervisor was SIGKILLed), how often the process itself is checked.
+LIVENESS_EVERY_S = 2.0
+READ_LIMIT_BYTES = 1024 * 1024
+RECONNECT_DELAY_S = 1.0
+MAX_RECONNECT_DELAY_S = 30.0
+STREAMS = ("stdout", "stderr")
+EXIT_CODE_FILE = "exit_code"
+
+Connect = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+IsRunning = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class OutputFollower:
+    """Follows one release's output directory until the release ends or the follower is stopped."""
+
+    server_name: str
+    run_dir: str  # on the server, holding stdout, stderr and exit_code
+    log: DeploymentLog  # the follower's own writer; closed when it ends
+    connect: Connect
+    offsets_file: Path | None  # local; None keeps offsets in memory only
+    tail: deque[str]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _offsets: dict[str, int] = field(default_factory=dict)
+    _splitters: dict[str, LineSplitter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._offsets = _load_offsets(self.offsets_file)
+        self._splitters = {stream: LineSplitter() for stream in STREAMS}
+
+    async def run(self, pid: int, is_running: IsRunning) -> None:
+        """Copies output until the release has ended and every byte of it is in the log."""
+        delay = RECONNECT_DELAY_S
+        sftp: asyncssh.SFTPClient | None = None
+        loop = asyncio.get_running_loop()
+        next_liveness = loop.time() + LIVENESS_EVERY_S
+        try:
+            while True:
+                try:
+                    if sftp is None:
+                        sftp = await (await self.connect()).start_sftp_client()
+                    await self._copy_new(sftp)
+                    code = await self._read_exit_code(sftp)
+                    gone = code is not None
+                    if not gone and loop.time() >= next_liveness:
+                        next_liveness = loop.time() + LIVENESS_EVERY_S
+                        gone = not await is_running()
+                    if gone:
+                        # The supervisor writes exit_code after the command's last write: one more read.
+                        await self._copy_new(sftp)
+                        self.exit_code = code
+                        self._flush()
+                        ending = f"exited with code {code}" if code is not None else "is gone (no exit code)"
+                        self.log.agent(RELEASE_STAGE, f"process {pid} on server {self.server_name} {ending}")
+                        return
+                    delay = RECONNECT_DELAY_S
+                except (asyncssh.Error, OSError, AgentError) as exc:
+                    # The connection dropped: the release keeps running; read on once it is back.
+                    logger.info("release output paused", server=self.server_name, error=str(exc), retry_in_s=delay)
+                    if sftp is not None:
+                        with contextlib.suppress(Exception):
+                            sftp.exit()
+                    sftp = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_S):
+                        await self.wake.wait()
+                self.wake.clear()
+        finally:
+            if sftp is not None:
+                with contextlib.suppress(Exception):
+                    sftp.exit()
+            self.log.close()
+            self.ended.set()
+
+    async def _copy_new(self, sftp: asyncssh.SFTPClient) -> None:
+        for stream in STREAMS:
+            path = posixpath.join(self.run_dir, stream)
+            while True:
+                try:
+                    size = (await sftp.stat(path)).size or 0
+                except asyncssh.SFTPNoSuchFile:
+                    break
+                offset = self._offsets.get(stream, 0)
+                if size < offset:
+                    offset = 0  # the file was started anew (the release was started again)
+                if size == offset:
+                    break
+                async with sftp.open(path, "rb") as remote:
+                    chunk = await remote.read(min(size - offset, READ_LIMIT_BYTES), offset)
+                if not chunk:
+                    break
+                lines = self._splitters[stream].feed(chunk)
+                self._write(stream, lines)
+                self._offsets[stream] = offset + len(chunk)
+                self._save_offsets()
+
+    async def _read_exit_code(self, sftp: asyncssh.SFTPClient) -> int | None:
+        try:
+            async with sftp.open(posixpath.join(self.run_dir, EXIT_CODE_FILE), "rb") as remote:
+                text = (await remote.read()).decode(errors="replace").strip()
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        return int(text) if text.lstrip("-").isdigit() else None
+
+    def _write(self, stream: str, lines: list[str]) -> None:
+        if lines:
+            self.log.write_lines(RELEASE_STAGE, stream, lines)
+            self.tail.extend(lines)
+
+    def _flush(self) -> None:
+        for stream in STREAMS:
+            self._write(stream, self._splitters[stream].flush())
+
+    def _save_offsets(self) -> None:
+        if self.offsets_file is None:
+            return
+        self.offsets_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.offsets_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self._offsets))
+        os.replace(temporary, self.offsets_file)
+
+
+def _load_offsets(path: Path | None) -> dict[str, int]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {stream: int(data[stream]) for stream in STREAMS if isinstance(data.get(stream), int)}
