@@ -433,7 +433,11 @@ class Engine:
         if spec.build.runtime == "process":
             return await self._build_remote_process(deployment, running, log), None
         workspace = self._workspace_of(deployment.id)
-        await prepare_workspace(spec.source, workspace, log)
+        archive: Path | None = None
+        if deployment.server != LOCAL and spec.source is not None and spec.source.type == "git":
+            archive = await self._clone_on_server(deployment, log)
+        else:
+            await prepare_workspace(spec.source, workspace, log)
         self._raise_if_stopped(running)
         await self.store.update(deployment.id, stage="build")
         containers = await self.servers.containers(deployment.server)
@@ -455,13 +459,39 @@ class Engine:
             timeout_s=spec.build.timeout_s,
             workspace=workspace,
             commit_image=f"deploy-agent/{deployment.application}:{deployment.id}" if spec.run else None,
+            workspace_archive=archive,
         )
-        result = await containers.run_build(job, log, on_start)
+        try:
+            result = await containers.run_build(job, log, on_start)
+        finally:
+            if archive is not None:
+                await asyncio.to_thread(archive.unlink, True)
         self._raise_if_stopped(running)
         self._raise_if_build_failed(spec.build.timeout_s, result.exit_code, result.timed_out)
         if result.image is not None:
             await self.store.update(deployment.id, release_image=result.image)
         return {"exit_code": result.exit_code, "pid": None, "stage": None}, result.image
+
+    async def _clone_on_server(self, deployment: Deployment, log: DeploymentLog) -> Path:
+        """Clones a git source on the deployment's server and returns a local tar of it for the build.
+
+        The server fetches the repository (its network, its credentials); the tar only carries the
+        checkout from the server's SSH connection into a container of the server's own engine.
+        """
+        source = deployment.spec.source
+        assert source is not None
+        remote = self.servers.remote_processes(deployment.server)
+        remote_dir = remote.workspace_dir(deployment.id)
+        archive = self.config.workspaces_dir / f"{deployment.id}.tar"
+        try:
+            await remote.clone_workspace(source.url or "", source.ref, remote_dir, log)
+            await remote.download_archive(remote_dir, archive)
+        except BaseException:
+            await asyncio.to_thread(archive.unlink, True)
+            raise
+        finally:
+            await asyncio.shield(self._remove_remote_quietly(deployment.server, remote_dir))
+        return archive
 
     async def _build_remote_process(
         self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog
@@ -555,11 +585,13 @@ class Engine:
                 await running.done.wait()
 
     async def _remove_remote_dir(self, deployment: Deployment) -> None:
+        await self._remove_remote_quietly(deployment.server, str(remote_release_dir(deployment.id)))
+
+    async def _remove_remote_quietly(self, server: str, remote_dir: str) -> None:
         try:
-            remote = self.servers.remote_processes(deployment.server)
-            await remote.remove_dir(str(remote_release_dir(deployment.id)))
+            await self.servers.remote_processes(server).remove_dir(remote_dir)
         except AgentError as exc:
-            logger.warning("could not remove the remote workspace", server=deployment.server, error=exc.message)
+            logger.warning("could not remove the remote workspace", server=server, error=exc.message)
 
     def _raise_if_stopped(self, running: RunningDeployment) -> None:
         if running.stop_reason is not None:

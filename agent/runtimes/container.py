@@ -93,6 +93,9 @@ class BuildJob:
     timeout_s: float
     workspace: Path
     commit_image: str | None = None
+    # A tar of the workspace's contents (entries "./..."), used instead of `workspace` when the
+    # source was prepared elsewhere (cloned on a remote server).
+    workspace_archive: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -531,6 +534,8 @@ class ContainerRuntime:
     ) -> BuildResult:
         container_id = session.container_id
         await self._copy_workspace(container_id, job.workspace)
+        if job.workspace_archive is not None:
+            await self._copy_archive(container_id, job.workspace_archive)
         # Attached before the start, so that not one line of early output is missed.
         session.stream = await self._call(
             "attaching to the build container",
@@ -563,6 +568,19 @@ class ContainerRuntime:
             await self._call(
                 "copying the workspace into the build container",
                 lambda: self._docker().api.put_archive(container_id, "/", archive),
+            )
+        finally:
+            archive.close()
+
+    async def _copy_archive(self, container_id: str, archive_path: Path) -> None:
+        try:
+            archive = await self._in_thread(functools.partial(open, archive_path, "rb"))
+        except OSError as exc:
+            raise RuntimeFailure(f"reading the workspace archive {archive_path} failed: {exc}") from exc
+        try:
+            await self._call(
+                "copying the workspace into the build container",
+                lambda: self._docker().api.put_archive(container_id, WORKSPACE, archive),
             )
         finally:
             archive.close()

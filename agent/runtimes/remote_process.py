@@ -257,6 +257,36 @@ class RemoteProcessRuntime:
                                  exit_code=code)
         log.agent(SOURCE_STAGE, f"checked out {ref} at {commit[:12]}")
 
+    async def download_archive(self, remote_dir: str, dest: Path) -> None:
+        """Writes a tar of `remote_dir`'s contents (entries `./...`) to the local file `dest`.
+
+        Lets a workspace prepared on the server (a git clone) go into a build container of the
+        server's Docker engine without the agent's host ever fetching the source itself.
+        """
+        connection = await self._connection()
+        script = f"cd -- {shlex.quote(remote_dir)} && exec tar -cf - ."
+        try:
+            async with connection.create_process(
+                f"exec /bin/sh -c {shlex.quote(script)}", encoding=None, stdin=asyncssh.DEVNULL
+            ) as process:
+                target = await asyncio.to_thread(open, dest, "wb")
+                try:
+                    while chunk := await process.stdout.read(UPLOAD_CHUNK_BYTES):
+                        await asyncio.to_thread(target.write, chunk)
+                finally:
+                    await asyncio.to_thread(target.close)
+                error = (await process.stderr.read()).decode(errors="replace").strip()
+                await process.wait()
+        except _CONNECTION_ERRORS as exc:
+            raise RuntimeFailure(
+                f"fetching the workspace {remote_dir} from server {self.server_name} failed: {_describe(exc)}"
+            ) from exc
+        if process.exit_status != 0:
+            raise RuntimeFailure(
+                f"archiving the workspace {remote_dir} on server {self.server_name} failed "
+                f"(exit code {process.exit_status}): {error or 'no output'}"
+            )
+
     async def has_dir(self, remote_dir: str) -> bool:
         """Whether `remote_dir` is a directory on the server."""
         connection = await self._connection()

@@ -247,3 +247,44 @@ def test_rollback_and_retention_on_a_remote_server(agent_factory, sshd) -> None:
     app = agent.request("GET", "/v1/applications/rapp").json()
     assert app["current_deployment_id"] == rolled["id"] and app["state"] == "running"
     assert (remote_releases / finals[1]["id"]).is_dir()
+
+
+def test_a_remote_container_build_clones_its_git_source_on_the_server(
+    agent_factory, sshd, docker_client: docker.DockerClient
+) -> None:
+    """A git source of a remote container build is cloned by the server: its URL is a path relative to
+    the server login's home, which does not exist from the agent's working directory."""
+    import shutil
+    import subprocess
+    import uuid
+
+    from tests.e2e.test_releases import FAST_CHECK
+
+    relative = Path(f".deploy-agent-test-repos/repo-{uuid.uuid4().hex[:8]}")
+    repository = Path.home() / relative
+    repository.mkdir(parents=True)
+    try:
+        git = ["git", "-C", str(repository), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+        subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+        (repository / "index.html").write_text("from-git\n")
+        subprocess.run([*git, "add", "."], check=True)
+        subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+        agent = remote_agent(agent_factory, ("edge", sshd))
+        assert not (Path.cwd() / relative).exists()
+        body = {
+            "application": "gitweb",
+            "server": "edge",
+            "source": {"type": "git", "url": str(relative), "ref": "main"},
+            "build": {"image": "local/busybox", "command": "test -d /workspace/.git && cat /workspace/index.html"},
+            "run": {"command": ["httpd", "-f", "-p", "8080", "-h", "/workspace"], "port": 8080},
+            "health_check": FAST_CHECK,
+        }
+        final = agent.wait_for(agent.submit(body)["id"], timeout=90)
+        log = agent.log(final["id"])
+        assert final["status"] == "succeeded", log
+        assert "on server edge" in log and "build stdout | from-git" in log
+        assert fetch(final["url"]) == "from-git"
+        assert not (Path.home() / ".deploy-agent" / "workspaces" / final["id"]).exists(), "the clone was left behind"
+        assert not list((agent.state_dir / "workspaces").iterdir())
+    finally:
+        shutil.rmtree(repository.parent, ignore_errors=True)
