@@ -502,6 +502,12 @@ class RemoteProcessRuntime:
         release = self._release_of(handle)
         if release is None or lines <= 0:
             return []
+        if not (await self._state(release.pid, release.started_at, release.follower.run_dir))[0]:
+            # It ended: let the follower copy its last lines first (it polls every quarter second).
+            release.follower.wake.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_REPORT_S):
+                    await release.follower.ended.wait()
         return list(release.follower.tail)[-lines:]
 
     async def close(self) -> None:

@@ -288,3 +288,16 @@ def test_a_remote_container_build_clones_its_git_source_on_the_server(
         assert not list((agent.state_dir / "workspaces").iterdir())
     finally:
         shutil.rmtree(repository.parent, ignore_errors=True)
+
+
+def test_a_remote_release_that_dies_fails_with_its_exit_code_and_last_output(agent_factory, sshd) -> None:
+    """A remote process release exiting during its health check: failed at once, with its code and last words."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    body = {
+        **remote_web("v1", application="dying"),
+        "run": {"runtime": "process", "command": "echo dying-words; sleep 0.3; exit 7"},
+    }
+    final = agent.wait_for(agent.submit(body)["id"], timeout=60)
+    assert final["status"] == "failed", agent.log(final["id"])
+    assert final["error"]["type"] == "release_exited" and final["exit_code"] == 7, final
+    assert "dying-words" in final["error"]["message"]
