@@ -177,7 +177,7 @@ class ReleaseManager:
         if run.runtime == "process" and deployment.server != LOCAL:
             workdir = await self._remote_workdir(deployment, log)
             if not ports:
-                ports = [_free_port()]
+                ports = [await self.servers.remote_processes(deployment.server).free_port()]
             env.setdefault("PORT", str(ports[0]))
         elif run.runtime == "process":
             workdir = await self._process_workdir(deployment, log, image)

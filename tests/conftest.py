@@ -7,6 +7,7 @@ tests that need it fail and say how to fix it (scripts/setup-machine.sh).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterator
 
 import docker
@@ -40,6 +41,16 @@ def base_image(docker_client: docker.DockerClient) -> str:
 def containers_of(client: docker.DockerClient, deployment_id: str) -> list:
     """Every container, running or not, labelled with this deployment."""
     return client.containers.list(all=True, filters={"label": f"deploy-agent.deployment={deployment_id}"})
+
+
+def log_entries(path: Path) -> list[tuple[str, str, str]]:
+    """A deployment log as (stage, stream, text) triples."""
+    entries = []
+    for line in path.read_text().splitlines():
+        head, _, text = line.partition(" | ")
+        _, stage, stream = head.split(" ")
+        entries.append((stage, stream, text))
+    return entries
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import posixpath
+import random
 import re
 import shlex
 import signal
@@ -63,6 +64,9 @@ LOST_CLEANUP_S = 10.0
 OUTPUT_LINES_KEPT = 50
 UPLOAD_CHUNK_BYTES = 256 * 1024
 UPLOAD_CONCURRENCY = 8
+# Ports handed to remote releases without a fixed one: below the usual ephemeral range (32768+),
+# so that outgoing connections on the server do not take them meanwhile.
+REMOTE_PORTS = range(20000, 32000)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONNECTION_ERRORS = (asyncssh.Error, OSError)
 
@@ -286,6 +290,15 @@ class RemoteProcessRuntime:
                 f"archiving the workspace {remote_dir} on server {self.server_name} failed "
                 f"(exit code {process.exit_status}): {error or 'no output'}"
             )
+
+    async def free_port(self) -> int:
+        """A TCP port nothing listens on on the server, from the range the agent hands out."""
+        code, output, error = await self._query(
+            "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true", "listing listening ports"
+        )
+        if code != 0:
+            raise RuntimeFailure(f"listing the listening ports of server {self.server_name} failed: {error}")
+        return pick_free_port(listening_ports(output))
 
     async def has_dir(self, remote_dir: str) -> bool:
         """Whether `remote_dir` is a directory on the server."""
@@ -853,6 +866,28 @@ def launch_script(
     lines += ['echo "$_da_marker"', "unset _da_marker", "read -r _da_go || exit 125", "unset _da_go",
               f"exec {target}"]
     return f"exec /bin/sh -c {shlex.quote(chr(10).join(lines))}"
+
+
+def listening_ports(proc_net_tcp: str) -> set[int]:
+    """The local ports in LISTEN state (0A) of /proc/net/tcp and tcp6 text."""
+    ports: set[int] = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
+            with contextlib.suppress(ValueError):
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def pick_free_port(taken: set[int]) -> int:
+    """A random port of REMOTE_PORTS that is not in `taken`."""
+    for port in random.sample(REMOTE_PORTS, 64):
+        if port not in taken:
+            return port
+    free = [port for port in REMOTE_PORTS if port not in taken]
+    if not free:
+        raise RuntimeFailure(f"no free port between {REMOTE_PORTS.start} and {REMOTE_PORTS.stop - 1} on the server")
+    return random.choice(free)
 
 
 def _display(command: tuple[str, ...] | list[str] | str) -> str:

@@ -128,7 +128,8 @@ def test_servers_endpoint_and_cli_check(agent_factory, sshd) -> None:
 def test_remote_container_build_and_release_through_the_forwarded_docker_socket(
     agent_factory, sshd, docker_client: docker.DockerClient
 ) -> None:
-    """Build and release in the server's Docker engine, health-checked through the SSH connection, then promoted."""
+    """Build and release in the server's Docker engine, health-checked through the SSH connection, promoted,
+    then rolled back."""
     from tests.e2e.test_releases import web_request
 
     agent = remote_agent(agent_factory, ("edge", sshd))
@@ -143,6 +144,12 @@ def test_remote_container_build_and_release_through_the_forwarded_docker_socket(
     assert containers_of(docker_client, first["id"]) == []
     container = docker_client.containers.get(second["container_id"])
     assert container.labels["deploy-agent.application"] == "rweb"
+    # Rollback in the server's engine: the first release's committed image serves again.
+    rollback = agent.request("POST", f"/v1/deployments/{first['id']}/rollback")
+    assert rollback.status_code == 201, rollback.text
+    rolled = agent.wait_for(rollback.json()["id"], timeout=90)
+    assert rolled["status"] == "succeeded" and rolled["server"] == "edge", agent.log(rolled["id"])
+    assert fetch(rolled["url"]) == "r1"
 
 
 def test_a_server_with_its_own_address(agent_factory, sshd_remote) -> None:

@@ -59,12 +59,6 @@ def deployment_id(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 @pytest.fixture
-def log(tmp_path: Path) -> Iterator[DeploymentLog]:
-    with DeploymentLog(tmp_path / "deployment.log") as deployment_log:
-        yield deployment_log
-
-
-@pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A workspace holding hello.txt and a nested file."""
     root = tmp_path / "workspace"

@@ -21,7 +21,7 @@ from agent.logs import DeploymentLog
 from agent.models import new_deployment_id
 from agent.runtimes.base import ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.container import BuildJob, ContainerRuntime, ReleaseContainer
-from tests.conftest import containers_of
+from tests.conftest import containers_of, log_entries
 
 # Agents started by other tests on the same engine must not take these containers for theirs.
 INSTANCE = f"tests-{uuid.uuid4().hex[:12]}"
@@ -110,12 +110,6 @@ def deployment_id(cleanup: Callable[[str], str]) -> str:
 
 
 @pytest.fixture
-def log(tmp_path: Path) -> Iterator[DeploymentLog]:
-    with DeploymentLog(tmp_path / "deployment.log") as deployment_log:
-        yield deployment_log
-
-
-@pytest.fixture
 def make_spec(deployment_id: str, release_image: str, log: DeploymentLog) -> Callable[..., ReleaseSpec]:
     """A ReleaseSpec serving the release image with httpd on port 8080, with overridable fields."""
 
@@ -134,16 +128,6 @@ def make_spec(deployment_id: str, release_image: str, log: DeploymentLog) -> Cal
         return ReleaseSpec(**fields)  # type: ignore[arg-type]
 
     return make
-
-
-def log_entries(path: Path) -> list[tuple[str, str, str]]:
-    """The log as (stage, stream, text) triples."""
-    entries = []
-    for line in path.read_text().splitlines():
-        head, _, text = line.partition(" | ")
-        _, stage, stream = head.split(" ")
-        entries.append((stage, stream, text))
-    return entries
 
 
 def release_output(path: Path, stream: str) -> list[str]:

@@ -26,6 +26,7 @@ from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
 from agent.runtimes.base import ReleaseSpec, ReleaseState
 from agent.runtimes.remote_process import RemoteBuildJob, RemoteProcessRuntime
+from tests.conftest import log_entries
 from tests.sshd import SshServer, free_port
 
 DEADLINE_S = 10.0
@@ -108,12 +109,6 @@ def started() -> Iterator[Started]:
 
 
 @pytest.fixture
-def log(tmp_path: Path) -> Iterator[DeploymentLog]:
-    with DeploymentLog(tmp_path / "deployment.log") as log:
-        yield log
-
-
-@pytest.fixture
 def source_dir(tmp_path: Path) -> Path:
     source = tmp_path / "source"
     (source / "sub").mkdir(parents=True)
@@ -130,16 +125,6 @@ def start_ticks(pid: int) -> float | None:
     except OSError:
         return None
     return float(stat.rpartition(")")[2].split()[19])
-
-
-def log_lines(path: Path) -> list[tuple[str, str, str]]:
-    """(stage, stream, text) of every line in a deployment log."""
-    lines = []
-    for raw in path.read_text().splitlines():
-        head, _, text = raw.partition(" | ")
-        _, stage, stream = head.split(" ")
-        lines.append((stage, stream, text))
-    return lines
 
 
 def alive(process: psutil.Process) -> bool:
@@ -191,7 +176,7 @@ async def test_uploaded_workspace_build_streams_stdout_and_stderr_and_returns_it
     result = await runtime.run_build(job(workspace, "cat index.html; echo err >&2; exit 4"), log, started)
 
     assert result == (4, False)
-    lines = log_lines(log.path)
+    lines = log_entries(log.path)
     assert ("build", "stdout", "<h1>hello over sftp</h1>") in lines
     assert ("build", "stderr", "err") in lines
     assert not any("__deploy_agent_started__" in text for _, _, text in lines)
@@ -204,8 +189,8 @@ async def test_output_arrives_while_the_build_runs(
     build = asyncio.create_task(
         runtime.run_build(job(remote_root / "w", "echo first; sleep 2; echo second"), log, started)
     )
-    await eventually(lambda: ("build", "stdout", "first") in log_lines(log.path), "the first line")
-    assert not build.done() and ("build", "stdout", "second") not in log_lines(log.path)
+    await eventually(lambda: ("build", "stdout", "first") in log_entries(log.path), "the first line")
+    assert not build.done() and ("build", "stdout", "second") not in log_entries(log.path)
     assert await build == (0, False)
 
 
@@ -230,7 +215,7 @@ async def test_on_start_reports_the_remote_pid_its_start_time_and_group(
     assert await runtime.run_build(job(workspace, command), log, on_start) == (0, False)
     assert (workspace / "ran").exists()
     # exec keeps the PID: the command's own $$ is the PID reported.
-    assert ("build", "stdout", str(checked[0])) in log_lines(log.path)
+    assert ("build", "stdout", str(checked[0])) in log_entries(log.path)
 
 
 async def test_env_values_with_spaces_and_quotes_arrive_intact(
@@ -240,7 +225,7 @@ async def test_env_values_with_spaces_and_quotes_arrive_intact(
     value = "it's a \"quoted\" $HOME `value`  with  spaces"
     command = ("sh", "-c", 'printf "%s|%s\\n" "$VALUE" "$1"', "sh", "arg with 'quote'")
     assert await runtime.run_build(job(remote_root / "w", command, VALUE=value), log, started) == (0, False)
-    assert ("build", "stdout", f"{value}|arg with 'quote'") in log_lines(log.path)
+    assert ("build", "stdout", f"{value}|arg with 'quote'") in log_entries(log.path)
 
 
 async def test_a_build_that_times_out_is_killed(
@@ -309,7 +294,7 @@ async def test_a_dropped_connection_fails_the_build_clearly_and_stops_it(
     """The connection dies mid-build: RuntimeFailure naming the server, and the build stopped over a new one."""
     build = asyncio.create_task(runtime.run_build(job(remote_root / "w", "echo started; sleep 60"), log, started))
     pid, _ = await started.first()
-    await eventually(lambda: ("build", "stdout", "started") in log_lines(log.path), "the first line")
+    await eventually(lambda: ("build", "stdout", "started") in log_entries(log.path), "the first line")
     if how == "abort":
         assert connections.current is not None
         connections.current.abort()
@@ -344,7 +329,7 @@ async def test_git_clone_on_the_server_checks_out_the_ref(
     await runtime.clone_workspace(str(repository), "v1", str(workspace), log)
 
     assert (workspace / "version.txt").read_text() == "one\n"
-    assert any(stage == "source" and "Cloning into" in text for stage, _, text in log_lines(log.path))
+    assert any(stage == "source" and "Cloning into" in text for stage, _, text in log_entries(log.path))
     with pytest.raises(RuntimeFailure, match="ref 'nope' is not a branch, tag or commit"):
         await runtime.clone_workspace(str(repository), "nope", str(workspace), log)
     with pytest.raises(RuntimeFailure, match="git clone of .* failed"):
@@ -370,7 +355,7 @@ async def test_relative_paths_are_under_the_login_home(
         await runtime.clone_workspace(str(repository), None, workspace, log)
         assert (home / workspace / "version.txt").read_text() == "relative\n"
         assert await runtime.run_build(job(Path(workspace), "cat version.txt"), log, started) == (0, False)
-        assert ("build", "stdout", "relative") in log_lines(log.path)
+        assert ("build", "stdout", "relative") in log_entries(log.path)
         await runtime.remove_dir(workspace)
         assert not (home / workspace).exists()
     finally:
@@ -426,7 +411,7 @@ async def serve_and_stop(runtime: RemoteProcessRuntime, spec: ReleaseSpec, log: 
         assert await asyncio.to_thread(http_get, f"http://{handle.host}:{port}/") is None
     finally:
         await runtime.remove_release(handle, 1.0)
-    assert ("release", "stdout", "hi there") in log_lines(spec.log_path)
+    assert ("release", "stdout", "hi there") in log_entries(spec.log_path)
 
 
 async def test_httpd_release_answers_at_the_handle_address_and_stop_ends_it(
@@ -479,7 +464,7 @@ async def test_a_server_in_its_own_network_namespace_runs_builds_and_releases(
         await runtime.upload_workspace(source_dir, str(workdir), log)
         result = await runtime.run_build(job(workdir, "cat index.html; exit 2"), log, started)
         assert result == (2, False)
-        assert ("build", "stdout", "<h1>hello over sftp</h1>") in log_lines(log.path)
+        assert ("build", "stdout", "<h1>hello over sftp</h1>") in log_entries(log.path)
         command = ("sh", "-c", 'echo "$GREETING"; exec busybox httpd -f -p "$PORT" -h .')
         await serve_and_stop(runtime, release_spec(tmp_path, workdir, command, 8080), log, sshd_remote.host)
     finally:
@@ -500,7 +485,7 @@ async def test_a_release_outlives_the_agent_and_its_output_resumes_without_gaps_
     spec = release_spec(tmp_path, workdir, command, free_port())
 
     def stdout_lines() -> list[str]:
-        return [text for stage, stream, text in log_lines(spec.log_path) if stream == "stdout"]
+        return [text for stage, stream, text in log_entries(spec.log_path) if stream == "stdout"]
 
     first_connections = Connections(sshd)
     first = RemoteProcessRuntime("edge", first_connections, kill_grace_s=1.0, remote_root=str(remote_root),
@@ -542,3 +527,47 @@ async def test_a_release_outlives_the_agent_and_its_output_resumes_without_gaps_
     finally:
         if start_ticks(handle.pid) == handle.pid_started_at:
             os.killpg(handle.pid, signal.SIGKILL)
+
+
+def test_listening_ports_are_read_from_proc_net_tcp() -> None:
+    """LISTEN (0A) entries of tcp and tcp6 count; established connections do not."""
+    from agent.runtimes.remote_process import listening_ports, pick_free_port
+
+    text = (
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000\n"
+        "   1: 0100007F:4E20 0100007F:9C40 01 00000000:00000000\n"
+        "   0: 00000000000000000000000000000000:4E21 00000000000000000000000000000000:0000 0A 0\n"
+    )
+    assert listening_ports(text) == {8080, 20001}
+    assert pick_free_port(set(range(20000, 32000)) - {25000}) == 25000
+    with pytest.raises(RuntimeFailure, match="no free port"):
+        pick_free_port(set(range(20000, 32000)))
+
+
+async def test_free_port_is_not_one_the_server_listens_on(
+    runtime: RemoteProcessRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port asks the server: with all but one port of a small range listened on, it picks that one."""
+    import socket
+
+    from agent.runtimes import remote_process
+
+    monkeypatch.setattr(remote_process, "REMOTE_PORTS", range(20000, 20064))
+    listeners = []
+    try:
+        for port in range(20000, 20063):  # 20063 stays free
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sock.listen()
+            listeners.append(sock)
+        free = set(range(20000, 20064)) - {sock.getsockname()[1] for sock in listeners}
+        for _ in range(10):
+            assert await runtime.free_port() in free
+    finally:
+        for sock in listeners:
+            sock.close()
