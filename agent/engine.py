@@ -142,6 +142,10 @@ class Engine:
             if deployment.server != LOCAL and build is not None and build.runtime == "process" and deployment.pid:
                 remote = self.servers.remote_processes(deployment.server)
                 removed += int(await remote.kill_group(deployment.pid, deployment.pid_started_at or 0, 0))
+            run = deployment.spec.run
+            if deployment.server != LOCAL and (build is not None and build.runtime == "process"
+                                               or run is not None and run.runtime == "process"):
+                await self._remove_remote_dir(deployment)
             return removed
         except AgentError as exc:
             logger.warning("could not stop the leftovers of an interrupted deployment", error=exc.message)

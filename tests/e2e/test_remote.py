@@ -204,10 +204,18 @@ def _pgid(pid: int) -> int | None:
 
 def test_a_remote_release_keeps_serving_across_an_agent_restart(agent_factory, sshd) -> None:
     """SIGKILL of the agent: the remote release keeps running; the restarted agent follows its output
-    again and still owns it (the next deployment replaces it and no process of it is left)."""
+    again and still owns it (the next deployment replaces it and no process of it is left); a remote
+    release that was being checked is stopped and removed with its directories."""
     agent = remote_agent(agent_factory, ("edge", sshd))
     first = agent.wait_for(agent.submit(remote_web("v1"))["id"], timeout=60)
     assert first["status"] == "succeeded", agent.log(first["id"])
+    checking = agent.submit({
+        **remote_web("c1", application="rcheck"),
+        "run": {"runtime": "process", "command": "sleep 300 & echo waiting; wait"},
+        "health_check": {"type": "tcp", "start_period_s": 60, "interval_s": 0.5, "retries": 100},
+    })
+    half = agent.wait_for(checking["id"], lambda d: d["status"] == "deploying" and d["pid"], timeout=30)
+    half_group = group_of(half["pid"])
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
     log_file = agent.state_dir / "logs" / f"{first['id']}.log"
     beats_while_down = log_file.read_text().count("beat-v1")
@@ -220,6 +228,11 @@ def test_a_remote_release_keeps_serving_across_an_agent_restart(agent_factory, s
         time.sleep(0.1)
     app = agent.request("GET", "/v1/applications/rapp").json()
     assert app["state"] == "running" and app["pid"] == first["pid"]
+    interrupted = agent.get(checking["id"])
+    assert interrupted["status"] == "failed" and interrupted["error"]["type"] == "agent_restarted"
+    assert psutil.wait_procs(half_group, timeout=10)[1] == [], "the half-checked remote release was left running"
+    for kind in ("releases", "run"):
+        assert not (Path.home() / ".deploy-agent" / kind / checking["id"]).exists()
     old_group = group_of(first["pid"])
     assert len(old_group) >= 2
 
