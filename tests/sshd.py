@@ -95,7 +95,7 @@ def start_sshd(directory: Path, *, host: str = "127.0.0.1", namespace: str | Non
                 "Subsystem sftp internal-sftp",
                 "LogLevel ERROR",
                 "MaxStartups 100",
-                "MaxSessions 100",
+                "MaxSessions 10",  # OpenSSH's default, as on a real server
                 "",
             ]
         )

@@ -39,7 +39,7 @@ MAX_RECONNECT_DELAY_S = 30.0
 STREAMS = ("stdout", "stderr")
 EXIT_CODE_FILE = "exit_code"
 
-Connect = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+OpenSftp = Callable[[], Awaitable[asyncssh.SFTPClient]]
 IsRunning = Callable[[], Awaitable[bool]]
 
 
@@ -50,7 +50,8 @@ class OutputFollower:
     server_name: str
     run_dir: str  # on the server, holding stdout, stderr and exit_code
     log: DeploymentLog  # the follower's own writer; closed when it ends
-    connect: Connect
+    open_sftp: OpenSftp  # a shared session: the follower never closes it
+    discard_sftp: Callable[[asyncssh.SFTPClient], None]  # after it failed, so the next open starts anew
     offsets_file: Path | None  # local; None keeps offsets in memory only
     tail: deque[str]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,8 +73,7 @@ class OutputFollower:
         try:
             while True:
                 try:
-                    if sftp is None:
-                        sftp = await (await self.connect()).start_sftp_client()
+                    sftp = await self.open_sftp()
                     await self._copy_new(sftp)
                     code = await self._read_exit_code(sftp)
                     gone = code is not None
@@ -93,9 +93,8 @@ class OutputFollower:
                     # The connection dropped: the release keeps running; read on once it is back.
                     logger.info("release output paused", server=self.server_name, error=str(exc), retry_in_s=delay)
                     if sftp is not None:
-                        with contextlib.suppress(Exception):
-                            sftp.exit()
-                    sftp = None
+                        self.discard_sftp(sftp)
+                        sftp = None
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
                     continue
@@ -104,9 +103,6 @@ class OutputFollower:
                         await self.wake.wait()
                 self.wake.clear()
         finally:
-            if sftp is not None:
-                with contextlib.suppress(Exception):
-                    sftp.exit()
             self.log.close()
             self.ended.set()
 

@@ -4,12 +4,19 @@ Every command runs on a session channel of the server's shared connection as
 
     exec /bin/sh -c 'cd DIR && export K=V ...; echo MARKER $$ STARTTIME; read go; exec CMD'
 
-The command runs only once the agent has recorded its pid (it answers "go" on stdin). sshd makes the session's shell a session and process-group leader, and `exec` keeps its pid, so
-the reported pid is the command's and also its process group. STARTTIME is field 22 of
+The command runs only once the agent has recorded its pid (it answers "go" on stdin). sshd
+makes the session's shell a session and process-group leader, and `exec` keeps its pid, so the
+reported pid is the command's and also its process group. STARTTIME is field 22 of
 `/proc/<pid>/stat` (clock ticks since the server booted): with the pid it names the process, and
 every later signal is sent only after `/proc/<pid>/stat` still shows that start time. The shell
 also exports `DEPLOY_AGENT_GROUP=<pid>:<starttime>`, which every descendant inherits: once the
 leader is gone, a live member of group <pid> that carries the tag still proves the group ours.
+
+A release is started differently (`release_script`): the shell starts a small supervisor with
+`setsid`, detached, its output going to files in `run_dir(id)`, reports the supervisor's pid and
+start time, and exits. The supervisor writes the command's exit code next to its output, and
+`OutputFollower` copies the files into the log over SFTP, so a release needs neither the
+connection nor one of sshd's few session slots (MaxSessions) while it runs.
 
 Signals always go on a fresh channel as `kill -TERM -PGID` (sshd refuses signal requests for
 root logins, and the command's own channel dies with a dropped connection). Output streams into
@@ -134,6 +141,10 @@ echo gone $code
 # survives SIGTERM to the group (trap) just long enough to record how the command ended.
 _SUPERVISOR_SCRIPT = r"""
 run=$1; shift
+ticks=$(read -r s < "/proc/$$/stat"; s=${s##*) }; IFS=' '; set -- $s; echo "${20}")
+DEPLOY_AGENT_GROUP="$$:$ticks"
+export DEPLOY_AGENT_GROUP
+unset ticks
 trap : TERM INT HUP
 "$@" &
 child=$!
@@ -160,13 +171,12 @@ class RemoteBuildJob:
 
 @dataclass
 class _Release:
-    """A release this runtime follows: its output follower and, if this agent started it, its channel."""
+    """A release this runtime follows: its pid and start time, and the follower copying its output."""
 
     pid: int
     started_at: float
     follower: OutputFollower
     task: asyncio.Task[None]
-    session: "_CommandSession | None" = None
 
 
 class RemoteProcessRuntime:
@@ -188,6 +198,10 @@ class RemoteProcessRuntime:
         self.remote_root = posixpath.normpath(remote_root)
         self._connect = connect
         self._releases: dict[str, _Release] = {}
+        # One SFTP session serves every release follower: sshd allows few channels per connection.
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp_connection: asyncssh.SSHClientConnection | None = None
+        self._sftp_lock = asyncio.Lock()
 
     def workspace_dir(self, deployment_id: str) -> str:
         """The remote workspace directory of a deployment, under `remote_root`."""
@@ -409,7 +423,7 @@ class RemoteProcessRuntime:
             raise RuntimeFailure("a process release needs a working directory")
         env = {"PORT": str(spec.ports[0])} if spec.ports else {}
         env.update({str(key): str(value) for key, value in spec.env.items()})
-        script = launch_script(str(spec.workdir), env, spec.command, supervise_in=self.run_dir(spec.deployment_id))
+        script = release_script(str(spec.workdir), env, spec.command, self.run_dir(spec.deployment_id))
         previous = self._releases.pop(spec.deployment_id, None)
         if previous is not None:
             await _forget(previous)
@@ -426,7 +440,8 @@ class RemoteProcessRuntime:
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 started = await session.wait_started()
-            session.proceed()
+                # The launching shell exits right after the report; its channel closes with it.
+                await session.closed.wait()
         except BaseException as exc:
             session.close()
             follower.log.close()
@@ -447,7 +462,8 @@ class RemoteProcessRuntime:
                 exit_code=session.exit_code,
             )
         pid, started_at = started
-        self._releases[spec.deployment_id] = self._follow(spec.deployment_id, pid, started_at, follower, session)
+        session.close()
+        self._releases[spec.deployment_id] = self._follow(spec.deployment_id, pid, started_at, follower)
         log.agent(RELEASE_STAGE, f"started process {pid} on server {self.server_name}: {_display(spec.command)}")
         return ReleaseHandle(
             runtime="process",
@@ -466,7 +482,7 @@ class RemoteProcessRuntime:
             return
         follower = self._follower(handle.deployment_id, log_path, fresh=False)
         self._releases[handle.deployment_id] = self._follow(
-            handle.deployment_id, handle.pid, handle.pid_started_at, follower, None
+            handle.deployment_id, handle.pid, handle.pid_started_at, follower
         )
 
     async def release_state(self, handle: ReleaseHandle) -> ReleaseState:
@@ -529,6 +545,10 @@ class RemoteProcessRuntime:
         self._releases.clear()
         for release in releases:
             await _forget(release)
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.exit()
+            self._sftp = None
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -615,6 +635,24 @@ class RemoteProcessRuntime:
         code = int(verdict[1]) if len(verdict) > 1 and verdict[1].lstrip("-").isdigit() else None
         return verdict[0] == "running", code
 
+    async def _shared_sftp(self) -> asyncssh.SFTPClient:
+        """The SFTP session on the current connection, opened again after the connection changed."""
+        async with self._sftp_lock:
+            connection = await self._connection()
+            if self._sftp is None or self._sftp_connection is not connection or connection.is_closed():
+                if self._sftp is not None:
+                    with contextlib.suppress(Exception):
+                        self._sftp.exit()
+                self._sftp = await connection.start_sftp_client()
+                self._sftp_connection = connection
+            return self._sftp
+
+    def _discard_sftp(self, client: asyncssh.SFTPClient) -> None:
+        if self._sftp is client:
+            with contextlib.suppress(Exception):
+                client.exit()
+            self._sftp = None
+
     def _offsets_file(self, deployment_id: str) -> Path:
         assert self.state_dir is not None
         return self.state_dir / f"{deployment_id}.offsets"
@@ -625,19 +663,18 @@ class RemoteProcessRuntime:
             offsets.unlink(missing_ok=True)
         return OutputFollower(
             server_name=self.server_name, run_dir=self.run_dir(deployment_id), log=DeploymentLog(log_path),
-            connect=self._connection, offsets_file=offsets,
+            open_sftp=self._shared_sftp, discard_sftp=self._discard_sftp, offsets_file=offsets,
             tail=deque(maxlen=OUTPUT_LINES_KEPT),
         )
 
     def _follow(
-        self, deployment_id: str, pid: int, started_at: float, follower: OutputFollower,
-        session: "_CommandSession | None",
+        self, deployment_id: str, pid: int, started_at: float, follower: OutputFollower
     ) -> _Release:
         async def is_running() -> bool:
             return (await self._state(pid, started_at, follower.run_dir))[0]
 
         task = asyncio.create_task(follower.run(pid, is_running), name=f"remote-release-{deployment_id}")
-        return _Release(pid=pid, started_at=started_at, follower=follower, task=task, session=session)
+        return _Release(pid=pid, started_at=started_at, follower=follower, task=task)
 
     async def _cleanup_group(self, started: tuple[int, float], log: DeploymentLog, stage: str) -> None:
         """Ends whatever is left of a command's group, within a budget; failures only go to the log."""
@@ -811,40 +848,15 @@ def launch_script(
     command: tuple[str, ...] | list[str] | str,
     *,
     create_dir: bool = False,
-    supervise_in: str | None = None,
 ) -> str:
     """The remote command line: cd, env, report `MARKER pid starttime`, wait for "go", exec the command.
 
-    Runs under /bin/sh whatever the login shell is; `exec` keeps the session leader's pid. With
-    `supervise_in` (a run directory), the command runs under the supervisor with its output in
-    files there, detached from the channel's pipes.
+    Runs under /bin/sh whatever the login shell is; `exec` keeps the session leader's pid.
     """
-    for name in env:
-        if not _ENV_NAME.match(name):
-            raise RuntimeFailure(f"environment variable name {name!r} cannot be passed to a remote command")
-    if isinstance(command, str):
-        if not command.strip():
-            raise RuntimeFailure("empty command")
-        target = f"/bin/sh -c {shlex.quote(command)}"
-    else:
-        if not command:
-            raise RuntimeFailure("empty command")
-        target = shlex.join(str(part) for part in command)
+    _check_env(env)
+    target = _command_line(command)
     quoted_dir = shlex.quote(directory)
     lines = ["unset CDPATH"]
-    if supervise_in is not None:
-        run = shlex.quote(supervise_in)
-        # Prepared from the login's home, where relative run directories are meant.
-        lines += [
-            f"mkdir -p -- {run} || exit",
-            f"rm -f -- {run}/exit_code",
-            f': > {run}/stdout && : > {run}/stderr || exit',
-            f'_da_run=$(cd -- {run} && pwd) || exit',
-        ]
-        target = (
-            f'/bin/sh -c {shlex.quote(_SUPERVISOR_SCRIPT)} deploy-agent-supervisor "$_da_run" {target}'
-            ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr"'
-        )
     if create_dir:
         lines.append(f"mkdir -p -- {quoted_dir} || exit")
     lines += [
@@ -866,6 +878,60 @@ def launch_script(
     lines += ['echo "$_da_marker"', "unset _da_marker", "read -r _da_go || exit 125", "unset _da_go",
               f"exec {target}"]
     return f"exec /bin/sh -c {shlex.quote(chr(10).join(lines))}"
+
+
+def release_script(
+    directory: str, env: Mapping[str, str], command: tuple[str, ...] | list[str] | str, run_dir: str
+) -> str:
+    """The remote command line of a release: start the supervisor detached, report `MARKER pid starttime`.
+
+    `setsid` makes the supervisor a session and group leader of its own, and its output goes to
+    files in `run_dir`: once the launching shell has exited, sshd holds nothing of the release
+    (not even one of its few session slots), and the release outlives the connection.
+    """
+    _check_env(env)
+    target = _command_line(command)
+    run = shlex.quote(run_dir)
+    lines = [
+        "unset CDPATH",
+        "command -v setsid >/dev/null 2>&1 || { echo 'setsid is not installed on the server' >&2; exit 127; }",
+        # Prepared from the login's home, where relative run directories are meant.
+        f"mkdir -p -- {run} || exit",
+        f"rm -f -- {run}/exit_code",
+        f": > {run}/stdout && : > {run}/stderr || exit",
+        f"_da_run=$(cd -- {run} && pwd) || exit",
+        f"cd -- {shlex.quote(directory)} || exit",
+    ]
+    if env:
+        lines.append("export " + " ".join(f"{name}={shlex.quote(str(value))}" for name, value in env.items()))
+    lines += [
+        f'setsid /bin/sh -c {shlex.quote(_SUPERVISOR_SCRIPT)} deploy-agent-supervisor "$_da_run" {target}'
+        ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr" &',
+        "_da_pid=$!",
+        # The child may have ended already; unreaped, its stat is still there.
+        '{ read -r _da_stat < "/proc/$_da_pid/stat"; } || exit 126',
+        "_da_stat=${_da_stat##*) }",
+        "IFS=' '",
+        "set -- $_da_stat",
+        f'echo "{MARKER} $_da_pid ${{20}}"',
+    ]
+    return f"exec /bin/sh -c {shlex.quote(chr(10).join(lines))}"
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for name in env:
+        if not _ENV_NAME.match(name):
+            raise RuntimeFailure(f"environment variable name {name!r} cannot be passed to a remote command")
+
+
+def _command_line(command: tuple[str, ...] | list[str] | str) -> str:
+    if isinstance(command, str):
+        if not command.strip():
+            raise RuntimeFailure("empty command")
+        return f"/bin/sh -c {shlex.quote(command)}"
+    if not command:
+        raise RuntimeFailure("empty command")
+    return shlex.join(str(part) for part in command)
 
 
 def listening_ports(proc_net_tcp: str) -> set[int]:
@@ -907,9 +973,7 @@ def _peer_host(connection: asyncssh.SSHClientConnection) -> str:
 
 
 async def _forget(release: _Release) -> None:
-    """Stops following a release (it keeps running): ends its follower and closes its channel."""
-    if release.session is not None:
-        release.session.close()
+    """Stops following a release (it keeps running): ends its follower."""
     release.task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await release.task

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
@@ -571,3 +572,31 @@ async def test_free_port_is_not_one_the_server_listens_on(
     finally:
         for sock in listeners:
             sock.close()
+
+
+async def test_more_releases_than_sshd_allows_channels_all_run_and_stream(
+    runtime: RemoteProcessRuntime, connections: Connections, remote_root: Path, tmp_path: Path, started: Started
+) -> None:
+    """12 releases on one connection (sshd's MaxSessions is 10): each streams its output, and a build
+    still gets a channel, because a started release holds none and the followers share one SFTP session."""
+    workdir = remote_root / "releases" / "many"
+    workdir.mkdir(parents=True)
+    handles = []
+    try:
+        for n in range(12):
+            spec = replace(
+                release_spec(tmp_path, workdir, f'while :; do echo "alive-{n}"; sleep 0.2; done', free_port()),
+                deployment_id=f"dep_many_{n}", log_path=tmp_path / f"many-{n}.log",
+            )
+            with DeploymentLog(tmp_path / "agent.log") as agent_log:
+                handles.append((await runtime.start_release(spec, agent_log), spec.log_path))
+        for n, (handle, log_path) in enumerate(handles):
+            await eventually(lambda: log_path.exists() and f"alive-{n}" in log_path.read_text(), f"output of {n}")
+        with DeploymentLog(tmp_path / "build.log") as build_log:
+            assert await runtime.run_build(job(workdir, "echo built"), build_log, started) == (0, False)
+        assert len(connections.opened) == 1
+    finally:
+        for handle, _ in handles:
+            await runtime.remove_release(handle, 1.0)
+    for handle, _ in handles:
+        assert handle.pid is not None and not (psutil.pid_exists(handle.pid) and alive(psutil.Process(handle.pid)))
