@@ -228,11 +228,8 @@ def list_deployments(args: argparse.Namespace) -> int:
     page = _client(args).list(
         application=args.app, server=args.server, status=args.status, limit=args.limit
     )
-    if args.json:
-        print(_to_json(page))
-        return EXIT_OK
-    _print_table(
-        page.get("data", []),
+    _print_list(
+        page, args.json,
         ("ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED"),
         ("id", "application", "server", "status", "created_at", "updated_at"),
     )
@@ -241,11 +238,7 @@ def list_deployments(args: argparse.Namespace) -> int:
 
 def show_deployment(args: argparse.Namespace) -> int:
     """`show ID`: one deployment as `key: value` lines, or JSON."""
-    deployment = _client(args).get(args.id)
-    if args.json:
-        print(_to_json(deployment))
-        return EXIT_OK
-    _print_fields(deployment)
+    _print_record(_client(args).get(args.id), args.json)
     return EXIT_OK
 
 
@@ -284,18 +277,10 @@ def show_applications(args: argparse.Namespace) -> int:
     """`apps [NAME]`: a table of applications, or one as `key: value` lines; JSON with --json."""
     client = _client(args)
     if args.name is not None:
-        application = client.application(args.name)
-        if args.json:
-            print(_to_json(application))
-        else:
-            _print_fields(application)
+        _print_record(client.application(args.name), args.json)
         return EXIT_OK
-    answer = client.applications()
-    if args.json:
-        print(_to_json(answer))
-        return EXIT_OK
-    _print_table(
-        answer.get("data", []),
+    _print_list(
+        client.applications(), args.json,
         ("NAME", "STATE", "DEPLOYMENT", "URL", "SINCE"),
         ("name", "state", "current_deployment_id", "url", "since"),
     )
@@ -323,17 +308,10 @@ def show_servers(args: argparse.Namespace) -> int:
         if args.name is None:
             raise UsageError("servers check needs a server NAME")
         server = client.server(args.name)
-        if args.json:
-            print(_to_json(server))
-        else:
-            _print_fields(server)
+        _print_record(server, args.json)
         return EXIT_OK if server.get("reachable") else EXIT_FAILED
-    answer = client.servers()
-    if args.json:
-        print(_to_json(answer))
-        return EXIT_OK
-    _print_table(
-        answer.get("data", []),
+    _print_list(
+        client.servers(), args.json,
         ("NAME", "HOST", "REACHABLE", "LATENCY_MS", "DOCKER", "ERROR"),
         ("name", "host", "reachable", "latency_ms", "docker_version", "error"),
     )
@@ -528,6 +506,22 @@ def _stream(chunks: Iterable[bytes]) -> None:
     for chunk in chunks:
         output.write(chunk)
         output.flush()
+
+
+def _print_record(record: dict[str, Any], as_json: bool) -> None:
+    """One record: JSON, or aligned `key: value` lines."""
+    if as_json:
+        print(_to_json(record))
+    else:
+        _print_fields(record)
+
+
+def _print_list(page: dict[str, Any], as_json: bool, columns: Sequence[str], keys: Sequence[str]) -> None:
+    """A list answer (`{"data": [...]}`): JSON as the agent sent it, or a table of its items."""
+    if as_json:
+        print(_to_json(page))
+    else:
+        _print_table(page.get("data", []), columns, keys)
 
 
 def _print_table(items: Iterable[dict[str, Any]], columns: Sequence[str], keys: Sequence[str]) -> None:
