@@ -386,7 +386,7 @@ class Engine:
             if spec.run is not None:
                 # Settle retention before reporting success, so a poller sees the final state.
                 await self._prune_quietly(
-                    deployment.application, log, newest=(deployment.id, fields["release_image"]),
+                    deployment.application, log, newest=(deployment, fields["release_image"]),
                     server=deployment.server,
                 )
                 pruned = True
@@ -544,7 +544,7 @@ class Engine:
         self,
         application: str,
         log: DeploymentLog,
-        newest: tuple[str, str | None] | None = None,
+        newest: tuple[Deployment, str | None] | None = None,
         server: str = "local",
     ) -> None:
         # Retention is housekeeping: its failure must not change how the deployment ended.

@@ -362,12 +362,12 @@ class ReleaseManager:
         application: str,
         log: DeploymentLog | None = None,
         *,
-        newest: tuple[str, str | None] | None = None,
+        newest: tuple[Deployment, str | None] | None = None,
         server: str = LOCAL,
     ) -> list[str]:
         """Keeps the release images (and process workspaces) of the last N succeeded releases.
 
-        `newest` is (deployment id, image) of a release being promoted right now, counted
+        `newest` is (deployment, image) of a release being promoted right now, counted
         first although its status is not `succeeded` yet.
         """
         releases = [
@@ -375,10 +375,10 @@ class ReleaseManager:
             for d in await self.store.succeeded_releases(application)
         ]
         if newest is not None:
-            newest_deployment = await self.store.get(newest[0])
-            releases = [
-                _Kept(*newest, newest_deployment.server, newest_deployment.release_from or newest[0])
-            ] + [r for r in releases if r.id != newest[0]]
+            latest, image = newest
+            releases = [_Kept(latest.id, image, latest.server, latest.release_from or latest.id)] + [
+                r for r in releases if r.id != latest.id
+            ]
         keep = releases[: self.config.releases.retention]
         try:
             current = (await self.store.get_application(application)).deployment_id
@@ -422,12 +422,11 @@ class ReleaseManager:
             if deployment.release is None:
                 continue
             handle = ReleaseHandle.from_dict(deployment.release)
-            if deployment.server == LOCAL:
-                await (await self.runtime_of(handle.runtime, LOCAL)).remove_release(handle, 0)
-                continue
             try:
                 await (await self.runtime_of(handle.runtime, deployment.server)).remove_release(handle, 0)
             except AgentError as exc:
+                if deployment.server == LOCAL:
+                    raise  # Docker down here: reconciliation is retried as a whole
                 logger.warning("could not remove the release of an interrupted deployment",
                                deployment_id=deployment.id, server=deployment.server, error=exc.message)
         current_ids: set[str] = set()

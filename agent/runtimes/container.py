@@ -565,10 +565,7 @@ class ContainerRuntime:
         except OSError as exc:
             raise RuntimeFailure(f"archiving the workspace {workspace} failed: {exc}") from exc
         try:
-            await self._call(
-                "copying the workspace into the build container",
-                lambda: self._docker().api.put_archive(container_id, "/", archive),
-            )
+            await self._put_archive(container_id, "/", archive)
         finally:
             archive.close()
 
@@ -578,12 +575,15 @@ class ContainerRuntime:
         except OSError as exc:
             raise RuntimeFailure(f"reading the workspace archive {archive_path} failed: {exc}") from exc
         try:
-            await self._call(
-                "copying the workspace into the build container",
-                lambda: self._docker().api.put_archive(container_id, WORKSPACE, archive),
-            )
+            await self._put_archive(container_id, WORKSPACE, archive)
         finally:
             archive.close()
+
+    async def _put_archive(self, container_id: str, path: str, archive: IO[bytes]) -> None:
+        await self._call(
+            "copying the workspace into the build container",
+            lambda: self._docker().api.put_archive(container_id, path, archive),
+        )
 
     async def _wait_for_exit(self, session: _BuildSession, job: BuildJob, log: DeploymentLog) -> tuple[int, bool]:
         """Waits at most the job's timeout for the container to exit; stops it on expiry."""

@@ -57,8 +57,8 @@ class OutputFollower:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
-    _offsets: dict[str, int] = field(default_factory=dict)
-    _splitters: dict[str, LineSplitter] = field(default_factory=dict)
+    _offsets: dict[str, int] = field(init=False)
+    _splitters: dict[str, LineSplitter] = field(init=False)
 
     def __post_init__(self) -> None:
         self._offsets = _load_offsets(self.offsets_file)

@@ -316,11 +316,11 @@ class RemoteProcessRuntime:
 
     async def has_dir(self, remote_dir: str) -> bool:
         """Whether `remote_dir` is a directory on the server."""
-        connection = await self._connection()
+        sftp = await self._shared_sftp()
         try:
-            async with connection.start_sftp_client() as sftp:
-                return bool(await sftp.isdir(remote_dir))
+            return bool(await sftp.isdir(remote_dir))
         except (asyncssh.SFTPError, *_CONNECTION_ERRORS) as exc:
+            self._discard_sftp(sftp)
             raise RuntimeFailure(f"looking for {remote_dir} on server {self.server_name} failed: {_describe(exc)}") from exc
 
     async def remove_dir(self, remote_dir: str) -> None:
@@ -643,7 +643,13 @@ class RemoteProcessRuntime:
                 if self._sftp is not None:
                     with contextlib.suppress(Exception):
                         self._sftp.exit()
-                self._sftp = await connection.start_sftp_client()
+                self._sftp = None
+                try:
+                    self._sftp = await connection.start_sftp_client()
+                except (asyncssh.SFTPError, *_CONNECTION_ERRORS) as exc:
+                    raise RuntimeFailure(
+                        f"cannot open an SFTP session on server {self.server_name}: {_describe(exc)}"
+                    ) from exc
                 self._sftp_connection = connection
             return self._sftp
 
