@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -11,7 +14,7 @@ from typing import Any, Mapping
 
 from agent.errors import ConfigError
 
-SCOPES: frozenset[str] = frozenset({"deployments:read", "deployments:write", "admin"})
+SCOPES: frozenset[str] = frozenset({"deployments:read", "deployments:write", "processes:write", "admin"})
 DEFAULT_LISTEN = "127.0.0.1:8420"
 DEFAULT_STATE_DIR = "./.deploy-agent"
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -47,6 +50,17 @@ class AgentSettings:
     shutdown_grace_s: float = 30.0
     default_build_timeout_s: float = 600.0
     log_level: str = "info"
+    # A deployment's log holds at most this much; beyond it output is counted, not written.
+    max_log_bytes: int = 100 * 1024**2
+    # Below this much free space in state_dir, POST answers 503 disk_full.
+    min_free_bytes: int = 256 * 1024**2
+    # Followed log streams (`logs?follow=true`) open at once, in all and per token.
+    max_log_followers: int = 256
+    max_log_followers_per_token: int = 32
+    # Open client connections beyond which new ones are refused, and how long a connection
+    # may take to send its request headers before it is closed.
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,21 @@ class DockerSettings:
     build_memory_bytes: int | None = 2 * 1024**3
     build_cpus: float | None = 2.0
     build_pids: int | None = 1024
+    release_memory_bytes: int = 1024**3
+    release_cpus: float = 1.0
+    release_pids: int = 512
+    # Host addresses a release may publish its port on (`run.bind`); loopback only by default.
+    bind_addresses: tuple[str, ...] = ("127.0.0.1",)
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """What a deployments:write token may reach beyond its containers."""
+
+    # runtime "process" (build or run) also needs the token scope processes:write.
+    allow_host_processes: bool = False
+    # Directories path sources (and local git URLs) may come from, compared after realpath.
+    source_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,9 @@ class Config:
     releases: ReleaseSettings = ReleaseSettings()
     tokens: tuple[TokenConfig, ...] = ()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
+    security: SecuritySettings = SecuritySettings()
+    # The file this config was read from (None for built-in defaults); its directory is never a source.
+    path: Path | None = None
 
     @property
     def database_path(self) -> Path:
@@ -125,12 +157,13 @@ class Config:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-        return cls.from_mapping(data, base_dir=Path(path).resolve().parent)
+        config = cls.from_mapping(data, base_dir=Path(path).resolve().parent)
+        return dataclasses.replace(config, path=Path(path).resolve())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> "Config":
         reader = _Reader()
-        reader.unknown(data, "", {"agent", "docker", "releases", "auth", "servers"})
+        reader.unknown(data, "", {"agent", "docker", "releases", "auth", "servers", "security"})
         agent = _read_agent(reader, reader.table(data, "agent"), base_dir)
         docker = _read_docker(reader, reader.table(data, "docker"))
         releases_table = reader.table(data, "releases")
@@ -145,9 +178,12 @@ class Config:
         )
         tokens = _read_tokens(reader, reader.table(data, "auth"))
         servers = _read_servers(reader, reader.table(data, "servers"))
+        security = _read_security(reader, reader.table(data, "security"), base_dir)
         if reader.problems:
             raise ConfigError(reader.problems)
-        return cls(agent=agent, docker=docker, releases=releases, tokens=tokens, servers=servers)
+        return cls(
+            agent=agent, docker=docker, releases=releases, tokens=tokens, servers=servers, security=security
+        )
 
 
 def parse_listen(value: str) -> Listen:
@@ -218,6 +254,18 @@ class _Reader:
             return default
         return value
 
+    def size(self, table: Mapping[str, Any], key: str, name: str, default: int, *, allow_zero: bool = False) -> int:
+        """A byte size: an integer, or a string such as "512m" or "2g"."""
+        if key not in table:
+            return default
+        if allow_zero and table[key] == 0 and not isinstance(table[key], bool):
+            return 0
+        try:
+            return parse_size(table[key])
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
     def positive(self, table: Mapping[str, Any], key: str, name: str, default: Any, kinds: tuple[type, ...]) -> Any:
         value = self.typed(table, key, name, kinds, default)
         if value is not None and value <= 0:
@@ -242,7 +290,8 @@ def _read_agent(reader: _Reader, table: Mapping[str, Any], base_dir: Path | None
         "agent.",
         {
             "listen", "state_dir", "max_concurrent", "max_queued", "max_body_bytes", "kill_grace_s",
-            "shutdown_grace_s", "default_build_timeout_s", "log_level",
+            "shutdown_grace_s", "default_build_timeout_s", "log_level", "max_log_bytes", "min_free_bytes",
+            "max_log_followers", "max_log_followers_per_token", "max_connections", "header_timeout_s",
         },
     )
     listen = defaults.listen
@@ -282,24 +331,86 @@ def _read_agent(reader: _Reader, table: Mapping[str, Any], base_dir: Path | None
             )
         ),
         log_level=log_level.lower(),
+        max_log_bytes=reader.size(table, "max_log_bytes", "agent.max_log_bytes", defaults.max_log_bytes),
+        min_free_bytes=reader.size(
+            table, "min_free_bytes", "agent.min_free_bytes", defaults.min_free_bytes, allow_zero=True
+        ),
+        max_log_followers=reader.positive(
+            table, "max_log_followers", "agent.max_log_followers", defaults.max_log_followers, (int,)
+        ),
+        max_log_followers_per_token=reader.positive(
+            table, "max_log_followers_per_token", "agent.max_log_followers_per_token",
+            defaults.max_log_followers_per_token, (int,),
+        ),
+        max_connections=reader.positive(
+            table, "max_connections", "agent.max_connections", defaults.max_connections, (int,)
+        ),
+        header_timeout_s=float(
+            reader.positive(table, "header_timeout_s", "agent.header_timeout_s", defaults.header_timeout_s, number)
+        ),
     )
 
 
 def _read_docker(reader: _Reader, table: Mapping[str, Any]) -> DockerSettings:
     defaults = DockerSettings()
-    reader.unknown(table, "docker.", {"url", "build_memory", "build_cpus", "build_pids"})
-    memory = defaults.build_memory_bytes
-    if "build_memory" in table:
-        try:
-            memory = parse_size(table["build_memory"])
-        except ValueError as exc:
-            reader.problem("docker.build_memory", str(exc))
+    reader.unknown(
+        table,
+        "docker.",
+        {
+            "url", "build_memory", "build_cpus", "build_pids", "release_memory", "release_cpus", "release_pids",
+            "bind_addresses",
+        },
+    )
+    number = (int, float)
+    bind_addresses = reader.typed(table, "bind_addresses", "docker.bind_addresses", (list,), None)
+    addresses = defaults.bind_addresses
+    if bind_addresses is not None:
+        clean: list[str] = []
+        for address in bind_addresses:
+            try:
+                clean.append(str(ipaddress.ip_address(address)) if isinstance(address, str) else "")
+            except ValueError:
+                clean.append("")
+            if not clean[-1]:
+                reader.problem("docker.bind_addresses", f"{address!r} is not an IP address")
+        if not bind_addresses:
+            reader.problem("docker.bind_addresses", "must list at least one address (e.g. \"127.0.0.1\")")
+        addresses = tuple(a for a in clean if a) or defaults.bind_addresses
     return DockerSettings(
         url=reader.typed(table, "url", "docker.url", (str,), None) or None,
-        build_memory_bytes=memory,
-        build_cpus=float(reader.positive(table, "build_cpus", "docker.build_cpus", defaults.build_cpus, (int, float))),
+        build_memory_bytes=reader.size(table, "build_memory", "docker.build_memory", defaults.build_memory_bytes),
+        build_cpus=float(reader.positive(table, "build_cpus", "docker.build_cpus", defaults.build_cpus, number)),
         build_pids=reader.positive(table, "build_pids", "docker.build_pids", defaults.build_pids, (int,)),
+        release_memory_bytes=reader.size(
+            table, "release_memory", "docker.release_memory", defaults.release_memory_bytes
+        ),
+        release_cpus=float(
+            reader.positive(table, "release_cpus", "docker.release_cpus", defaults.release_cpus, number)
+        ),
+        release_pids=reader.positive(table, "release_pids", "docker.release_pids", defaults.release_pids, (int,)),
+        bind_addresses=addresses,
     )
+
+
+def _read_security(reader: _Reader, table: Mapping[str, Any], base_dir: Path | None) -> SecuritySettings:
+    reader.unknown(table, "security.", {"allow_host_processes", "source_roots"})
+    allow = reader.typed(table, "allow_host_processes", "security.allow_host_processes", (bool,), False)
+    roots_value = reader.typed(table, "source_roots", "security.source_roots", (list,), [])
+    roots: list[Path] = []
+    for index, root in enumerate(roots_value):
+        key = f"security.source_roots[{index}]"
+        if not isinstance(root, str) or not root or "\0" in root:
+            reader.problem(key, "must be a non-empty path")
+            continue
+        path = Path(root)
+        if not path.is_absolute():
+            if base_dir is None:
+                reader.problem(key, "must be an absolute path")
+                continue
+            path = base_dir / path
+        # Compared after realpath, as source paths are, so a symlinked root means its target.
+        roots.append(Path(os.path.realpath(path)))
+    return SecuritySettings(allow_host_processes=allow, source_roots=tuple(roots))
 
 
 def _read_tokens(reader: _Reader, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:

@@ -90,6 +90,10 @@ class RunSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     host_port: int | None = None
     bind: str = "127.0.0.1"
+    # Limits of the release container; None takes the [docker] release_* default.
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
 
 
 @dataclass(frozen=True)
