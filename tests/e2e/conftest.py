@@ -35,12 +35,20 @@ class AgentProcess:
     """One deploy-agent daemon started with `deploy-agent run --config`."""
 
     def __init__(
-        self, state_dir: Path, releases: dict[str, Any] | None = None, extra_toml: str = "", **agent_settings: Any
+        self,
+        state_dir: Path,
+        releases: dict[str, Any] | None = None,
+        extra_toml: str = "",
+        security: dict[str, Any] | None = None,
+        **agent_settings: Any,
     ) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = state_dir.parent / f"{state_dir.name}.toml"
+        # Outside the test's tmp dir: the agent never copies a source from its config's directory.
+        config_dir = state_dir.parent / "etc"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = config_dir / f"{state_dir.name}.toml"
         self.output_path = state_dir.parent / f"{state_dir.name}.out"
         self.process: subprocess.Popen[bytes] | None = None
         settings = {"kill_grace_s": 2, "shutdown_grace_s": 5, "max_concurrent": 4, **agent_settings}
@@ -54,6 +62,10 @@ class AgentProcess:
             ("writer", WRITE_TOKEN, ["deployments:write"]),
         ):
             lines += ["[[auth.tokens]]", f'name = "{name}"', f'token = "{token}"', f"scopes = {json.dumps(scopes)}", ""]
+        # Tests deploy sources from their tmp dir and run host processes unless they say otherwise.
+        if security is None:
+            security = {"allow_host_processes": True, "source_roots": [str(state_dir.parent)]}
+        lines += ["[security]"] + [f"{k} = {json.dumps(v)}" for k, v in security.items()] + [""]
         self.config_path.write_text("\n".join(lines) + "\n" + extra_toml)
 
     def start(self, timeout: float = 30) -> "AgentProcess":
