@@ -7,13 +7,28 @@ bash "$here/scripts/setup-machine.sh"
 cd "$here"
 
 state="$here/.deploy-agent"
-mkdir -p "$state"
+sources="$here/.deploy-agent-sources"
+mkdir -p "$state" "$sources"
+chmod 700 "$state"
+# Path sources must come from a directory the config allows (security.source_roots); the
+# config lives in the state dir, which is never a source itself.
+config="$state/config.toml"
+if [ ! -f "$config" ]; then
+  cat >"$config" <<EOF_CONFIG
+[agent]
+state_dir = "."
+listen = "127.0.0.1:8420"
+
+[security]
+source_roots = ["$sources"]
+EOF_CONFIG
+fi
 export DEPLOY_AGENT_URL="${DEPLOY_AGENT_URL:-http://127.0.0.1:8420}"
 cli="$here/.venv/bin/deploy-agent"
 
 if ! curl -fsS "$DEPLOY_AGENT_URL/healthz" >/dev/null 2>&1; then
   echo "[quickstart] starting deploy-agent (state in $state, log in $state/agent.log)"
-  nohup "$cli" run >"$state/agent.log" 2>&1 &
+  nohup "$cli" run --config "$config" >"$state/agent.log" 2>&1 &
   echo $! >"$state/agent.pid"
   for _ in $(seq 1 100); do
     curl -fsS "$DEPLOY_AGENT_URL/healthz" >/dev/null 2>&1 && break
@@ -24,7 +39,7 @@ curl -fsS "$DEPLOY_AGENT_URL/healthz" && echo
 export DEPLOY_AGENT_TOKEN="$(cat "$state/token")"
 
 # A tiny application source: the build turns it into a page in /workspace.
-src="$state/quickstart-src"
+src="$sources/quickstart"
 mkdir -p "$src"
 echo "hello from deploy-agent" >"$src/message.txt"
 
