@@ -19,9 +19,10 @@ from typing import Any, Awaitable, Callable, Mapping
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError, Conflict, NotFound, RuntimeFailure, Unavailable
-from agent.logs import DeploymentLog
+from agent.errors import AgentError, Conflict, Forbidden, NotFound, RuntimeFailure, Unavailable
+from agent.logs import DeploymentLog, LogPolicy
 from agent.metrics import Metrics
+from agent.policy import authorize_spec
 from agent.models import (
     FINAL_STATUSES,
     Deployment,
@@ -123,7 +124,8 @@ class Engine:
                     f"the agent stopped while this deployment was {deployment.status}; "
                     f"its work was stopped after the restart ({removed} container(s) removed)"
                 )
-                with DeploymentLog(Path(deployment.log_path)) as log:
+                policy = LogPolicy.for_spec(deployment.spec, self.config.agent.max_log_bytes)
+                with DeploymentLog(Path(deployment.log_path), policy) as log:
                     log.agent("recovery", message)
                 await self._set_status(
                     deployment.id, "failed", error={"type": "agent_restarted", "message": message}
@@ -358,6 +360,17 @@ class Engine:
 
     async def _carry_out(self, deployment: Deployment, running: RunningDeployment) -> None:
         spec = deployment.spec
+        try:
+            # The config in force now decides, not the one the request was accepted under.
+            await asyncio.to_thread(authorize_spec, spec, self.config, None)
+        except Forbidden as refusal:
+            policy = LogPolicy.for_spec(spec, self.config.agent.max_log_bytes)
+            with DeploymentLog(Path(deployment.log_path), policy) as refused_log:
+                refused_log.agent("done", f"deployment refused by the agent's policy: {refusal.message}")
+            error = {"type": refusal.error_type, "message": refusal.message}
+            with contextlib.suppress(Conflict, NotFound):
+                await self._set_status(deployment.id, "failed", error=error)
+            return
         first = "building" if spec.build else ("deploying" if spec.run else "succeeded")
         try:
             await self._set_status(deployment.id, first, stage="source" if spec.build else ("release" if spec.run else None))
@@ -366,7 +379,7 @@ class Engine:
             return
         if first == "succeeded":
             return
-        log = DeploymentLog(Path(deployment.log_path))
+        log = DeploymentLog(Path(deployment.log_path), LogPolicy.for_spec(spec, self.config.agent.max_log_bytes))
         started = time.monotonic()
         outcome: str = "failed"
         pruned = False
@@ -441,7 +454,7 @@ class Engine:
         if deployment.server != LOCAL and spec.source is not None and spec.source.type == "git":
             archive = await self._clone_on_server(deployment, log)
         else:
-            await prepare_workspace(spec.source, workspace, log)
+            await prepare_workspace(spec.source, workspace, log, state_dir=self.config.agent.state_dir)
         self._raise_if_stopped(running)
         await self.store.update(deployment.id, stage="build")
         containers = await self.servers.containers(deployment.server)
@@ -510,7 +523,7 @@ class Engine:
             await remote.clone_workspace(source.url or "", source.ref, remote_dir, log)
         else:
             workspace = self._workspace_of(deployment.id)
-            await prepare_workspace(source, workspace, log)
+            await prepare_workspace(source, workspace, log, state_dir=self.config.agent.state_dir)
             await remote.upload_workspace(workspace, remote_dir, log)
         self._raise_if_stopped(running)
         await self.store.update(deployment.id, stage="build")

@@ -61,6 +61,10 @@ class PayloadTooLarge(AgentError):
     status, error_type = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(AgentError):
+    status, error_type = 415, "unsupported_media_type"
+
+
 class ValidationFailed(AgentError):
     """A well-formed request that fails validation; `details` lists each bad field."""
 
@@ -74,6 +78,12 @@ class ValidationFailed(AgentError):
 
 class QueueFull(AgentError):
     status, error_type = 429, "queue_full"
+
+
+class TooManyFollowers(AgentError):
+    """A log follow stream beyond agent.max_log_followers (in all, or of one token)."""
+
+    status, error_type = 429, "too_many_followers"
 
 
 class Unavailable(AgentError):

@@ -1,21 +1,32 @@
 """Deployment log files: one line per output line, stamped with time, stage and stream.
 
 Writers append as output arrives and never hold a whole log in memory; readers
-serve a tail, a byte range, or follow the file as it grows.
+serve a tail, a byte range, or follow the file as it grows. Every line a writer
+appends is masked by its `LogPolicy` (no value of the deployment's env appears),
+and the file stops growing at the policy's cap (further output is counted, and
+one line says how much was dropped).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
-from agent.models import utc_now
+from agent.models import DeploymentSpec, utc_now
 
 # A line longer than this is cut into pieces so that one endless line cannot grow memory.
 MAX_LINE_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
+DEFAULT_MAX_LOG_BYTES = 100 * 1024**2
+# Shorter values are too likely to occur by chance (CI systems draw the same line).
+MIN_SECRET_CHARS = 8
+MASK = "***"
+LOG_FILE_MODE = 0o600
 
 
 class LineSplitter:
@@ -50,14 +61,181 @@ def _decode(raw: bytes | bytearray) -> str:
     return bytes(raw).rstrip(b"\r").decode("utf-8", errors="replace")
 
 
-class DeploymentLog:
-    """Appends stamped lines to one deployment's log file; safe to call from any thread."""
+# --- policy: what a log may hold ------------------------------------------------------------
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+
+@dataclass(frozen=True)
+class LogPolicy:
+    """What one deployment's log may hold: at most `max_bytes`, and none of `secrets` (shown as ***)."""
+
+    max_bytes: int = DEFAULT_MAX_LOG_BYTES
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def for_spec(cls, spec: DeploymentSpec, max_bytes: int) -> "LogPolicy":
+        """The policy of a deployment's log: its build.env and run.env values masked, capped at `max_bytes`."""
+        values: list[str] = []
+        if spec.build is not None:
+            values += spec.build.env.values()
+        if spec.run is not None:
+            values += spec.run.env.values()
+        return cls(max_bytes=max_bytes, secrets=maskable(values))
+
+
+# No secrets, the default cap: for logs that are no deployment's (tests, tools).
+DEFAULT_POLICY = LogPolicy()
+
+
+def maskable(values: Iterable[str]) -> tuple[str, ...]:
+    """The strings a log masks for these env values, longest first.
+
+    Output is logged line by line, so a multi-line value is masked line by line; lines
+    shorter than MIN_SECRET_CHARS are left alone.
+    """
+    found: set[str] = set()
+    for value in values:
+        for line in str(value).split("\n"):
+            line = line.rstrip("\r")
+            if len(line) >= MIN_SECRET_CHARS:
+                found.add(line)
+    return tuple(sorted(found, key=lambda secret: (-len(secret), secret)))
+
+
+class Masker:
+    """Replaces every occurrence of any secret in a line with ***, overlapping ones as one."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        ordered = sorted(set(secrets), key=len, reverse=True)
+        # A lookahead finds a match at every position, so secrets that overlap are all found;
+        # at one position the longest alternative comes first.
+        self._pattern = (
+            re.compile("(?=(" + "|".join(re.escape(secret) for secret in ordered) + "))") if ordered else None
+        )
+
+    def __call__(self, line: str) -> str:
+        if self._pattern is None:
+            return line
+        spans = [(match.start(), match.end(1)) for match in self._pattern.finditer(line)]
+        if not spans:
+            return line
+        pieces: list[str] = []
+        position = 0
+        start, end = spans[0]
+        for next_start, next_end in spans[1:]:
+            if next_start <= end:
+                end = max(end, next_end)
+                continue
+            pieces += (line[position:start], MASK)
+            position, start, end = end, next_start, next_end
+        pieces += (line[position:start], MASK, line[end:])
+        return "".join(pieces)
+
+
+# --- growth notices, for followers in this process --------------------------------------------
+
+
+class _GrowthListeners:
+    """Callbacks to run when a log file grows or a writer of it closes; writers call them from any thread."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Copied on change, so that writers read them without the lock.
+        self._callbacks: dict[str, tuple[Callable[[], None], ...]] = {}
+        # Open writers that dropped output and will note it when they close, by file.
+        self._pending_notes: Counter[str] = Counter()
+
+    def add(self, key: str, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks[key] = (*self._callbacks.get(key, ()), callback)
+
+    def remove(self, key: str, callback: Callable[[], None]) -> None:
+        with self._lock:
+            left = tuple(known for known in self._callbacks.get(key, ()) if known is not callback)
+            if left:
+                self._callbacks[key] = left
+            else:
+                self._callbacks.pop(key, None)
+
+    def notify(self, key: str) -> None:
+        for callback in self._callbacks.get(key, ()):
+            callback()
+
+    def note_pending(self, key: str, delta: int) -> None:
+        with self._lock:
+            self._pending_notes[key] += delta
+            if self._pending_notes[key] <= 0:
+                del self._pending_notes[key]
+
+    def has_pending_note(self, key: str) -> bool:
+        return self._pending_notes.get(key, 0) > 0
+
+
+_listeners = _GrowthListeners()
+
+
+def _key_of(path: Path | str) -> str:
+    return os.path.abspath(path)
+
+
+def watch_growth(path: Path | str, callback: Callable[[], None]) -> Callable[[], None]:
+    """Runs `callback` (in the writer's thread) after each write to `path` in this process; returns the undo.
+
+    Writers in other processes (a release supervisor) are not seen: stat the file for those.
+    """
+    key = _key_of(path)
+    _listeners.add(key, callback)
+    return lambda: _listeners.remove(key, callback)
+
+
+def dropped_note_pending(path: Path | str) -> bool:
+    """Whether a writer in this process dropped output of `path` and has not yet written how much."""
+    return _listeners.has_pending_note(_key_of(path))
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+class DeploymentLog:
+    """Appends stamped, masked lines to one deployment's log file, up to its cap; safe from any thread.
+
+    Several writers (in this and other processes) may append to one file: the cap is decided on
+    the file's real size before each write. Once a line does not fit, this writer writes nothing
+    more and only counts; `close` then adds one `agent` line saying how many bytes it dropped.
+    """
+
+    def __init__(self, path: Path, policy: LogPolicy = DEFAULT_POLICY) -> None:
+        self.path = Path(path)
+        self.policy = policy
+        self.mask = Masker(policy.secrets)
+        self._key = _key_of(self.path)
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._dropped_stage = ""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab", buffering=0)
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        self._file = open(descriptor, "ab", buffering=0)
+
+    @property
+    def dropped_bytes(self) -> int:
+        """How many bytes of output this writer counted instead of writing."""
+        return self._dropped
+
+    @property
+    def full(self) -> bool:
+        """Whether this writer has stopped writing: the log reached its cap, and output is only counted."""
+        return self._dropped > 0
+
+    def count_dropped(self, stage: str, byte_count: int) -> None:
+        """Counts output of a full log as dropped without having read it (e.g. a remote file's new bytes)."""
+        if byte_count <= 0:
+            return
+        with self._lock:
+            if self._file.closed:
+                return
+            if not self._dropped:
+                _listeners.note_pending(self._key, 1)
+            self._dropped += byte_count
+            self._dropped_stage = stage
 
     def write(self, stage: str, stream: str, text: str) -> None:
         self.write_lines(stage, stream, text.splitlines() or [""])
@@ -65,25 +243,62 @@ class DeploymentLog:
     def write_lines(self, stage: str, stream: str, lines: list[str]) -> None:
         if not lines:
             return
-        stamp = utc_now()
-        payload = "".join(f"{stamp} {stage} {stream} | {line}\n" for line in lines).encode("utf-8")
+        prefix = f"{utc_now()} {stage} {stream} | "
         with self._lock:
-            if not self._file.closed:
-                self._file.write(payload)
+            if self._file.closed:
+                return
+            room = 0 if self._dropped else self.policy.max_bytes - os.fstat(self._file.fileno()).st_size
+            kept: list[bytes] = []
+            for index, line in enumerate(lines):
+                data = f"{prefix}{self.mask(line)}\n".encode("utf-8")
+                if len(data) > room:
+                    self._drop(stage, prefix, lines[index:], len(data))
+                    break
+                kept.append(data)
+                room -= len(data)
+            if not kept:
+                return
+            self._file.write(b"".join(kept))
+        _listeners.notify(self._key)
+
+    def _drop(self, stage: str, prefix: str, lines: list[str], first_bytes: int) -> None:
+        # Counted unmasked: masking output that is thrown away would only cost time.
+        overhead = len(prefix.encode("utf-8")) + 1
+        if not self._dropped:
+            _listeners.note_pending(self._key, 1)
+        self._dropped += first_bytes + sum(overhead + len(line.encode("utf-8")) for line in lines[1:])
+        self._dropped_stage = stage
 
     def agent(self, stage: str, message: str) -> None:
         """A stage message of the agent itself (stream `agent`)."""
         self.write(stage, "agent", message)
 
     def close(self) -> None:
+        """Closes the file, first noting how much output was dropped, if any; closing twice is fine."""
         with self._lock:
-            self._file.close()
+            if self._file.closed:
+                return
+            try:
+                if self._dropped:
+                    note = (
+                        f"{utc_now()} {self._dropped_stage} agent | {self._dropped} bytes of output dropped: "
+                        f"the log reached agent.max_log_bytes ({self.policy.max_bytes} bytes)\n"
+                    )
+                    self._file.write(note.encode("utf-8"))
+            finally:
+                self._file.close()
+                if self._dropped:
+                    _listeners.note_pending(self._key, -1)
+        _listeners.notify(self._key)
 
     def __enter__(self) -> "DeploymentLog":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# --- reading ------------------------------------------------------------------------------------
 
 
 def log_size(path: Path) -> int:

@@ -11,17 +11,17 @@ import asyncio
 import contextlib
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import structlog
 
 from agent.config import Config
 from agent.errors import AgentError, Conflict, NotFound
 from agent.health import HealthTarget, ReleaseUnhealthy, check_release
-from agent.logs import DeploymentLog
-from agent.models import Deployment
+from agent.logs import DeploymentLog, LogPolicy
+from agent.models import Deployment, RunSpec
 from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec
 from agent.servers import LOCAL, Servers
 from agent.store import Application, Store
@@ -54,11 +54,32 @@ class ReleaseManager:
         self.store = store
         self.servers = servers
         self.containers = servers.local_containers
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per application, kept only while someone holds or waits for it.
+        self._locks: dict[str, _HeldLock] = {}
         self._remote_reconciler: asyncio.Task[None] | None = None
 
-    def lock(self, application: str) -> asyncio.Lock:
-        return self._locks.setdefault(application, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, application: str) -> AsyncIterator[None]:
+        """Holds the application's lock; it is dropped again once nobody holds or waits for it."""
+        held = self._locks.get(application)
+        if held is None:
+            held = self._locks[application] = _HeldLock()
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if held.users == 0 and self._locks.get(application) is held:
+                del self._locks[application]
+
+    def is_locked(self, application: str) -> bool:
+        held = self._locks.get(application)
+        return held is not None and held.lock.locked()
+
+    def _log_policy(self, deployment: Deployment) -> LogPolicy:
+        """The deployment's log policy, for writers (and release followers) opened here."""
+        return LogPolicy.for_spec(deployment.spec, self.config.agent.max_log_bytes)
 
     async def runtime_of(self, kind: str, server: str) -> ReleaseRuntime:
         return await self.servers.release_runtime(kind, server)
@@ -99,7 +120,7 @@ class ReleaseManager:
                 )
             except BaseException as exc:
                 # Read the dying release's last output before removing it.
-                failure = await self._failure(exc, runtime, handle) if isinstance(exc, ReleaseUnhealthy) else None
+                failure = await self._failure(exc, runtime, handle, log) if isinstance(exc, ReleaseUnhealthy) else None
                 await asyncio.shield(self._undo(deployment, runtime, handle, previous, stopped_previous, log))
                 if failure is not None:
                     raise failure from None
@@ -152,10 +173,13 @@ class ReleaseManager:
         port = health.port or run.port or (next(iter(handle.ports)) if handle.ports else None)
         if port is None:
             return None
+        if handle.runtime == "container" and run.port and port != run.port:
+            # Only run.port is published on run.bind; the container runtime keeps other ports on loopback.
+            handle = replace(handle, host="127.0.0.1")
         return await self.servers.reach(deployment.server, handle, port)
 
     async def _failure(
-        self, exc: ReleaseUnhealthy, runtime: ReleaseRuntime, handle: ReleaseHandle | None
+        self, exc: ReleaseUnhealthy, runtime: ReleaseRuntime, handle: ReleaseHandle | None, log: DeploymentLog
     ) -> ReleaseFailed:
         message = exc.message
         if exc.died and handle is not None:
@@ -163,6 +187,8 @@ class ReleaseManager:
             if lines:
                 message += "; last output: " + " | ".join(line.strip() for line in lines[-5:])
         error_type = "release_exited" if exc.died else "health_check_failed"
+        # The last output comes from Docker's own log, unmasked: mask it like the deployment's log.
+        message = log.mask(message)
         return ReleaseFailed(error_type, message, exit_code=exc.exit_code, smoke_test=exc.smoke_test)
 
     async def _release_spec(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> ReleaseSpec:
@@ -196,7 +222,17 @@ class ReleaseManager:
             host_port=run.host_port,
             bind=run.bind,
             workdir=workdir,
+            **self._limits(run),
         )
+
+    def _limits(self, run: RunSpec) -> dict[str, Any]:
+        """The release container's limits: the run's own, else the [docker] release_* defaults."""
+        docker = self.config.docker
+        return {
+            "memory": run.memory or docker.release_memory_bytes,
+            "cpus": run.cpus or docker.release_cpus,
+            "pids": run.pids or docker.release_pids,
+        }
 
     async def _process_workdir(self, deployment: Deployment, log: DeploymentLog, image: str | None) -> Path:
         """The directory a host process runs in: the built workspace, the source, or a rollback's."""
@@ -211,7 +247,7 @@ class ReleaseManager:
             log.agent(STAGE, f"copying the workspace of {origin}")
             await asyncio.to_thread(shutil.copytree, source, workdir, symlinks=True)
         else:
-            await prepare_workspace(deployment.spec.source, workdir, log)
+            await prepare_workspace(deployment.spec.source, workdir, log, state_dir=self.config.agent.state_dir)
         return workdir
 
     async def _remote_workdir(self, deployment: Deployment, log: DeploymentLog) -> Path:
@@ -225,7 +261,7 @@ class ReleaseManager:
                 await remote.clone_workspace(source.url or "", source.ref, str(workdir), log)
             else:
                 local = self.config.workspaces_dir / deployment.id
-                await prepare_workspace(source, local, log)
+                await prepare_workspace(source, local, log, state_dir=self.config.agent.state_dir)
                 try:
                     await remote.upload_workspace(local, str(workdir), log)
                 finally:
@@ -248,7 +284,7 @@ class ReleaseManager:
         """Starts a stopped release of `deployment` again and records its new handle."""
         runtime = await self.runtime_of(handle.runtime, deployment.server)
         spec = await self._resume_spec(deployment, handle)
-        with DeploymentLog(Path(deployment.log_path)) as log:
+        with DeploymentLog(Path(deployment.log_path), self._log_policy(deployment)) as log:
             new_handle = await runtime.resume_release(handle, spec, log)
         if new_handle.runtime == "container":
             await (await self.servers.containers(deployment.server)).keep_running(new_handle)
@@ -273,6 +309,7 @@ class ReleaseManager:
             command=run.command, env=env, log_path=Path(deployment.log_path), ports=ports,
             image=deployment.release_image, host_port=run.host_port, bind=run.bind,
             workdir=self._workdir_of(deployment) if handle.runtime == "process" else None,
+            **self._limits(run),
         )
 
     def _workdir_of(self, deployment: Deployment) -> Path:
@@ -281,10 +318,11 @@ class ReleaseManager:
         return self.config.releases_dir / deployment.id
 
     async def stop_application(self, name: str) -> Application:
-        lock = self.lock(name)
-        if lock.locked():
+        # NotFound first: an unknown name must leave no state behind.
+        await self.store.get_application(name)
+        if self.is_locked(name):
             raise Conflict(f"a deployment of {name} is being put into service; try again when it is done")
-        async with lock:
+        async with self.lock(name):
             app = await self.store.get_application(name)
             if app.state != "running":
                 raise Conflict(f"application {name} is already stopped", code="already_stopped")
@@ -298,10 +336,10 @@ class ReleaseManager:
             return await self.store.set_application(name, deployment.id, "stopped")
 
     async def start_application(self, name: str) -> Application:
-        lock = self.lock(name)
-        if lock.locked():
+        await self.store.get_application(name)
+        if self.is_locked(name):
             raise Conflict(f"a deployment of {name} is being put into service; try again when it is done")
-        async with lock:
+        async with self.lock(name):
             app = await self.store.get_application(name)
             if app.state == "running":
                 raise Conflict(f"application {name} is already running", code="already_running")
@@ -484,7 +522,9 @@ class ReleaseManager:
             return
         if handle.runtime == "process":
             if deployment.server != LOCAL:
-                self.servers.remote_processes(deployment.server).follow_release(handle, Path(deployment.log_path))
+                self.servers.remote_processes(deployment.server).follow_release(
+                    handle, Path(deployment.log_path), self._log_policy(deployment)
+                )
             return
         containers = await self.servers.containers(deployment.server)
         # Docker gives a restarted container new ephemeral ports and a new pid.
@@ -496,7 +536,7 @@ class ReleaseManager:
                 url=_url_of(refreshed, port, self.servers.address_of(deployment.server, refreshed)),
             )
             handle = refreshed
-        await containers.attach_release_output(handle, Path(deployment.log_path))
+        await containers.attach_release_output(handle, Path(deployment.log_path), self._log_policy(deployment))
 
     async def close(self) -> None:
         """Stops the background reconciliation of remote releases."""
@@ -505,6 +545,14 @@ class ReleaseManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._remote_reconciler
             self._remote_reconciler = None
+
+
+@dataclass
+class _HeldLock:
+    """An application's lock and how many tasks hold it or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,26 +7,36 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog, LineSplitter
 from agent.models import SourceSpec
+from agent.policy import local_git_path
 
 STAGE = "source"
 READ_CHUNK_BYTES = 64 * 1024
+COPY_CHUNK_BYTES = 1024 * 1024
 
 
-async def prepare_workspace(source: SourceSpec | None, dest: Path, log: DeploymentLog) -> None:
-    """Creates `dest` and fills it from `source`; raises RuntimeFailure when that fails."""
+async def prepare_workspace(
+    source: SourceSpec | None, dest: Path, log: DeploymentLog, *, state_dir: Path | None = None
+) -> None:
+    """Creates `dest` and fills it from `source`; raises RuntimeFailure when that fails.
+
+    `state_dir` is the agent's own directory: a source inside it (or containing it) is refused
+    here too, behind the policy check at submit and start.
+    """
     await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
     if source is None:
         return
     if source.type == "path" and source.path:
-        await _copy_directory(Path(source.path), dest, log)
+        await _copy_directory(Path(source.path), dest, log, state_dir)
     elif source.type == "git" and source.url:
-        await _clone_repository(source.url, source.ref, dest, log)
+        await _clone_repository(source.url, source.ref, dest, log, state_dir)
     else:
         raise RuntimeFailure(f"cannot prepare a workspace from source {source!r}")
 
@@ -37,41 +47,173 @@ async def remove_workspace(dest: Path) -> None:
         await asyncio.to_thread(shutil.rmtree, dest)
 
 
+def refuse_own_paths(source: Path, dest: Path, state_dir: Path | None) -> Path:
+    """The realpath of `source`; raises RuntimeFailure when it overlaps the state dir or holds `dest`."""
+    real = Path(os.path.realpath(source))
+    if state_dir is not None:
+        state = Path(os.path.realpath(state_dir))
+        if _is_within(real, state) or _is_within(state, real):
+            raise RuntimeFailure(
+                f"source {source} resolves to {real}, which overlaps the agent's state directory {state}; "
+                "refusing to read it"
+            )
+    if _is_within(Path(os.path.realpath(dest)), real):
+        raise RuntimeFailure(f"source {source} resolves to {real}, which contains the workspace itself")
+    return real
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
 # --- path sources --------------------------------------------------------------------------
 
 
-async def _copy_directory(source: Path, dest: Path, log: DeploymentLog) -> None:
+@dataclass
+class _CopyReport:
+    """What a directory copy left out."""
+
+    skipped: list[str] = field(default_factory=list)  # devices, FIFOs and sockets, relative paths
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+
+
+async def _copy_directory(source: Path, dest: Path, log: DeploymentLog, state_dir: Path | None) -> None:
     log.agent(STAGE, f"copying {source} into the workspace")
-    if not await asyncio.to_thread(source.is_dir):
+    real = refuse_own_paths(source, dest, state_dir)
+    if not await asyncio.to_thread(real.is_dir):
         raise RuntimeFailure(f"source path {source} is not a directory on the agent's host")
     try:
-        await asyncio.to_thread(shutil.copytree, source, dest, symlinks=True, dirs_exist_ok=True)
-    except shutil.Error as exc:
-        failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
-        if failures:
-            first_source, _, why = failures[0]
-            detail = f"{len(failures)} file(s) could not be copied, first {first_source}: {why}"
-        else:
-            detail = str(exc)
-        raise RuntimeFailure(f"copying {source} into the workspace failed: {detail}") from exc
+        report = await asyncio.to_thread(copy_tree, real, dest)
     except OSError as exc:
         raise RuntimeFailure(f"copying {source} into the workspace failed: {exc}") from exc
+    if report.failures:
+        first, why = report.failures[0]
+        raise RuntimeFailure(
+            f"copying {source} into the workspace failed: {len(report.failures)} file(s) could not be copied, "
+            f"first {first}: {why}"
+        )
+    if report.skipped:
+        log.agent(
+            STAGE,
+            f"skipped {len(report.skipped)} device file(s), FIFO(s) or socket(s) of the source, "
+            f"first {report.skipped[0]}: only regular files, directories and symlinks are copied",
+        )
     log.agent(STAGE, f"copied {source} into the workspace")
+
+
+def copy_tree(source: Path, dest: Path) -> _CopyReport:
+    """Copies regular files, directories and symlinks (as links) from `source` into `dest`.
+
+    Nothing is followed: a symlink is recreated as the same link wherever it points, and any
+    other kind of file (a device, FIFO or socket, whose read may never end) is skipped.
+    Copies are readable by the agent's user alone, keeping only the owner's execute bit.
+    """
+    report = _CopyReport()
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # (source dir, dest dir, relative name); directory times are set once their content is in.
+    pending: list[tuple[Path, Path, str]] = [(source, dest, "")]
+    finished: list[tuple[Path, os.stat_result]] = []
+    while pending:
+        directory, target, relative = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            report.failures.append((relative or ".", exc.strerror or str(exc)))
+            continue
+        for entry in entries:
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            destination = target / entry.name
+            try:
+                status = entry.stat(follow_symlinks=False)
+                if stat.S_ISLNK(status.st_mode):
+                    os.symlink(os.readlink(entry.path), destination)
+                elif stat.S_ISDIR(status.st_mode):
+                    _make_directory(destination)
+                    pending.append((Path(entry.path), destination, name))
+                    finished.append((destination, status))
+                elif stat.S_ISREG(status.st_mode):
+                    if not _copy_file(Path(entry.path), destination):
+                        report.skipped.append(name)
+                else:
+                    report.skipped.append(name)
+            except OSError as exc:
+                report.failures.append((name, exc.strerror or str(exc)))
+    for directory, status in reversed(finished):
+        with contextlib.suppress(OSError):
+            os.utime(directory, ns=(status.st_atime_ns, status.st_mtime_ns))
+    return report
+
+
+def _make_directory(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise
+
+
+def _copy_file(source: Path, destination: Path) -> bool:
+    """Copies one regular file's content, mode (owner bits) and times; False if it is no longer regular."""
+    # O_NONBLOCK: a file swapped for a FIFO after the scan must not block the open forever.
+    reader = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(reader)
+        if not stat.S_ISREG(status.st_mode):
+            return False
+        mode = 0o600 | (status.st_mode & 0o100)
+        writer = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            with open(reader, "rb", closefd=False) as src, open(writer, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
+            os.fchmod(writer, mode)
+            os.utime(writer, ns=(status.st_atime_ns, status.st_mtime_ns))
+        finally:
+            os.close(writer)
+    finally:
+        os.close(reader)
+    return True
 
 
 # --- git sources ---------------------------------------------------------------------------
 
 
-async def _clone_repository(url: str, ref: str | None, dest: Path, log: DeploymentLog) -> None:
+def git_protocol_options(url: str) -> list[str]:
+    """git `-c` options that allow only network protocols, plus `file` when `url` is a local path.
+
+    `ext::` runs any command and is never allowed; local repositories only when the URL is one
+    (the policy has held its path to the source roots). Submodules are never followed.
+    """
+    file_policy = "always" if local_git_path(url) is not None else "never"
+    return [
+        "-c", "protocol.ext.allow=never",
+        "-c", "protocol.fd.allow=never",
+        "-c", f"protocol.file.allow={file_policy}",
+        "-c", "submodule.recurse=false",
+    ]
+
+
+async def _clone_repository(
+    url: str, ref: str | None, dest: Path, log: DeploymentLog, state_dir: Path | None
+) -> None:
     shown = redact_url(url)
+    local = local_git_path(url)
+    options = git_protocol_options(url)
+    clone = ["clone"]
+    if local is not None:
+        refuse_own_paths(Path(local), dest, state_dir)
+        # Copy objects through git's transport: a --local clone hardlinks or copies the
+        # repository's files as they are, following symlinks in its objects directory.
+        clone.append("--no-local")
     log.agent(STAGE, f"cloning {shown} into the workspace")
-    await _run_git(["clone", "--", url, str(dest)], log, f"git clone of {shown}")
+    await _run_git([*options, *clone, "--", url, str(dest)], log, f"git clone of {shown}")
     if ref is None:
         return
     commit = await _resolve_ref(dest, ref)
     if commit is None:
         raise RuntimeFailure(f"ref {ref!r} is not a branch, tag or commit of {shown}")
-    await _run_git(["-C", str(dest), "checkout", "--detach", commit, "--"], log, f"git checkout of {ref}")
+    await _run_git(
+        [*options, "-C", str(dest), "checkout", "--detach", commit, "--"], log, f"git checkout of {ref}"
+    )
     log.agent(STAGE, f"checked out {ref} at {commit[:12]}")
 
 
@@ -88,8 +230,9 @@ async def _resolve_ref(repository: Path, ref: str) -> str | None:
 
 
 def _git_environment() -> dict[str, str]:
-    # Never wait for a password on a terminal nobody watches.
-    return {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    # Never wait for a password on a terminal nobody watches. GIT_PROTOCOL_FROM_USER=0 denies
+    # every protocol whose policy is "user" (remote helpers, and any git does not know as safe).
+    return {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_PROTOCOL_FROM_USER": "0"}
 
 
 async def _start_git(args: list[str]) -> asyncio.subprocess.Process:

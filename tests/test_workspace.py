@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
 from agent.models import SourceSpec
-from agent.workspace import prepare_workspace, redact_url, remove_workspace
+from agent.workspace import git_protocol_options, prepare_workspace, redact_url, remove_workspace
 
 
 @pytest.fixture
@@ -192,3 +194,118 @@ async def test_remove_workspace_deletes_it_and_tolerates_a_missing_one(tmp_path:
     await remove_workspace(dest)
     assert not dest.exists()
     await remove_workspace(dest)
+
+
+# --- what a path source may hold ---------------------------------------------------------
+
+
+@pytest.fixture
+def hostile_source(tmp_path: Path) -> Path:
+    """A source with a FIFO, a /dev/zero node, a unix socket, a symlink to /etc and ordinary files."""
+    source = tmp_path / "hostile"
+    (source / "sub").mkdir(parents=True)
+    (source / "app.sh").write_text("#!/bin/sh\n")
+    (source / "app.sh").chmod(0o755)
+    (source / "sub" / "data.txt").write_text("data")
+    (source / "sub" / "data.txt").chmod(0o644)
+    os.mkfifo(source / "pipe")
+    os.mknod(source / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: reads never end
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(source / "sub" / "sock"))
+    listener.close()
+    (source / "etc").symlink_to("/etc")
+    (source / "shadow").symlink_to("/etc/shadow")
+    return source
+
+
+async def test_special_files_are_skipped_and_links_copied_as_links(
+    tmp_path: Path, log: DeploymentLog, hostile_source: Path
+) -> None:
+    """Devices, FIFOs and sockets are skipped (one agent line counts them); links stay links, never followed."""
+    dest = tmp_path / "ws"
+    await asyncio.wait_for(
+        prepare_workspace(SourceSpec(type="path", path=str(hostile_source)), dest, log), timeout=10
+    )
+    assert sorted(p.name for p in dest.iterdir()) == ["app.sh", "etc", "shadow", "sub"]
+    assert [p.name for p in (dest / "sub").iterdir()] == ["data.txt"]
+    assert (dest / "etc").is_symlink() and os.readlink(dest / "etc") == "/etc"
+    assert (dest / "shadow").is_symlink() and os.readlink(dest / "shadow") == "/etc/shadow"
+    skipped = [line for line in log_entries(log) if "| skipped" in line]
+    assert len(skipped) == 1 and "skipped 3 device file(s), FIFO(s) or socket(s)" in skipped[0]
+
+
+async def test_copies_are_private_to_the_agents_user(tmp_path: Path, log: DeploymentLog, hostile_source: Path) -> None:
+    """Copied files are 0600 (0700 when the owner could execute) and directories 0700."""
+    dest = tmp_path / "ws"
+    await prepare_workspace(SourceSpec(type="path", path=str(hostile_source)), dest, log)
+    assert stat.S_IMODE((dest / "app.sh").stat().st_mode) == 0o700
+    assert stat.S_IMODE((dest / "sub" / "data.txt").stat().st_mode) == 0o600
+    assert stat.S_IMODE((dest / "sub").stat().st_mode) == 0o700
+    assert (dest / "sub" / "data.txt").stat().st_mtime == (hostile_source / "sub" / "data.txt").stat().st_mtime
+
+
+async def test_a_source_inside_the_state_dir_is_refused_at_copy_time(tmp_path: Path, log: DeploymentLog) -> None:
+    """Behind the policy, the copy itself refuses a source that resolves into the state dir."""
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    link = tmp_path / "innocent"
+    link.symlink_to(state / "logs")
+    with pytest.raises(RuntimeFailure, match="overlaps the agent's state directory"):
+        await prepare_workspace(SourceSpec(type="path", path=str(link)), tmp_path / "ws", log, state_dir=state)
+
+
+async def test_a_source_containing_the_state_dir_is_refused_at_copy_time(tmp_path: Path, log: DeploymentLog) -> None:
+    """A parent of the state dir is refused before anything is copied into the workspace under it."""
+    state = tmp_path / "state"
+    dest = state / "workspaces" / "dep_1"
+    with pytest.raises(RuntimeFailure, match="overlaps the agent's state directory"):
+        await prepare_workspace(SourceSpec(type="path", path=str(tmp_path)), dest, log, state_dir=state)
+    assert list(dest.iterdir()) == []
+
+
+async def test_a_source_that_holds_the_workspace_is_refused(tmp_path: Path, log: DeploymentLog) -> None:
+    """Without a state dir too, copying a directory into itself is refused instead of recursing."""
+    with pytest.raises(RuntimeFailure, match="contains the workspace itself"):
+        await prepare_workspace(SourceSpec(type="path", path=str(tmp_path)), tmp_path / "a" / "ws", log)
+
+
+# --- git protocols -------------------------------------------------------------------------
+
+
+def test_git_protocol_options_allow_file_only_for_local_urls() -> None:
+    """ext is always off; file is on for a local path or file: URL and off for network URLs."""
+    for url, file_policy in (("/srv/repo", "always"), ("file:///srv/repo", "always"), ("https://h/r.git", "never")):
+        options = git_protocol_options(url)
+        assert "protocol.ext.allow=never" in options
+        assert f"protocol.file.allow={file_policy}" in options
+        assert "submodule.recurse=false" in options
+
+
+async def test_ext_urls_never_run_their_command(tmp_path: Path, log: DeploymentLog) -> None:
+    """An ext:: URL (which would run a shell command) fails the clone and runs nothing."""
+    marker = tmp_path / "pwned"
+    url = f"ext::sh -c touch% {marker}"
+    with pytest.raises(RuntimeFailure, match="git clone of .* failed"):
+        await prepare_workspace(SourceSpec(type="git", url=url), tmp_path / "ws", log)
+    assert not marker.exists()
+
+
+async def test_file_urls_clone_without_hardlinking_the_repository(
+    tmp_path: Path, log: DeploymentLog, repository: dict[str, str]
+) -> None:
+    """A local path or file:// repository clones through git's transport: no object file is shared."""
+    for index, url in enumerate((repository["path"], f"file://{repository['path']}")):
+        dest = tmp_path / f"ws{index}"
+        await prepare_workspace(SourceSpec(type="git", url=url), dest, log)
+        assert (dest / "version.txt").read_text() == "v3"
+        source_inodes = {p.stat().st_ino for p in Path(repository["path"], ".git", "objects").rglob("*") if p.is_file()}
+        clone_inodes = {p.stat().st_ino for p in (dest / ".git" / "objects").rglob("*") if p.is_file()}
+        assert not source_inodes & clone_inodes
+
+
+async def test_a_local_repository_in_the_state_dir_is_refused(tmp_path: Path, log: DeploymentLog) -> None:
+    """The clone itself refuses a local repository inside the state dir, behind the policy."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with pytest.raises(RuntimeFailure, match="overlaps the agent's state directory"):
+        await prepare_workspace(SourceSpec(type="git", url=f"file://{state}"), tmp_path / "ws", log, state_dir=state)

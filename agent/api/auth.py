@@ -8,7 +8,7 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 
 from aiohttp import web
 
-from agent.api.context import TOKEN_NAME, engine_of
+from agent.api.context import TOKEN_NAME, TOKEN_SCOPES, engine_of
 from agent.config import TokenConfig
 from agent.errors import Forbidden, Unauthorized
 
@@ -78,6 +78,22 @@ def authorize(token: TokenConfig, scope: str) -> None:
         )
 
 
+def optional_token(request: web.Request) -> TokenConfig | None:
+    """The request's token on a public route, or None: a missing or invalid token there is just anonymous."""
+    try:
+        token = authenticate(request.headers.getall("Authorization", []), engine_of(request).config.tokens)
+    except Unauthorized:
+        return None
+    remember_token(request, token)
+    return token
+
+
+def remember_token(request: web.Request, token: TokenConfig) -> None:
+    """Keeps the token's name (for logs) and scopes (for policy) on the request; never the secret."""
+    request[TOKEN_NAME] = token.name
+    request[TOKEN_SCOPES] = token.scopes
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticates every request except public routes, then checks the route's scope.
@@ -91,7 +107,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not routing_failed and scope is None:
         return await handler(request)
     token = authenticate(request.headers.getall("Authorization", []), engine_of(request).config.tokens)
-    request[TOKEN_NAME] = token.name
+    remember_token(request, token)
     if scope is not None:
         authorize(token, scope)
     return await handler(request)

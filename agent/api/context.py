@@ -15,6 +15,8 @@ ENGINE: web.AppKey["Engine"] = web.AppKey("engine")
 CLOSING = web.AppKey("closing", asyncio.Event)
 # The name (never the secret) of the token that authenticated the request, for logs.
 TOKEN_NAME = web.RequestKey("token_name", str)
+# The scopes of that token: what the request may ask for beyond its route's scope (host processes).
+TOKEN_SCOPES = web.RequestKey("token_scopes", frozenset)
 # True once a streamed response has sent its headers: an error can no longer become an envelope.
 STREAMING = web.RequestKey("streaming", bool)
 

@@ -12,15 +12,17 @@ from typing import Any, Iterable
 from aiohttp import web
 from multidict import MultiMapping
 
-from agent.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from agent.models import STATUSES, DeploymentFilter, decode_cursor, format_time, parse_time
+from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, decode_cursor, format_time, parse_time
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_LIST_LIMIT = 500
 DEFAULT_LIST_LIMIT = 50
 # Deeper JSON than this is refused before it can exhaust the recursion of json.dumps or asdict.
 MAX_JSON_DEPTH = 32
-_DIGITS = re.compile(r"[0-9]{1,18}")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+JSON_MEDIA_TYPE = "application/json"
+_UTF8 = frozenset({"utf-8", "utf8"})
 _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 
 
@@ -28,17 +30,13 @@ _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 
 
 async def read_json(request: web.Request, max_bytes: int) -> Any:
-    """The request body as JSON; 413 over `max_bytes`, 400 when it is not strict UTF-8 JSON."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge(too_large_message(max_bytes))
-    try:
-        raw = await request.read()  # aiohttp enforces client_max_size while reading (chunked bodies too)
-    except web.RequestPayloadError as exc:
-        # e.g. a Content-Encoding the body does not match, or broken chunked framing
-        reason = getattr(exc.__cause__, "message", None) or str(exc)
-        raise BadRequest(f"request body could not be read: {reason}", code="malformed_body") from None
-    except ConnectionResetError:
-        raise BadRequest("the connection closed before the request body arrived", code="malformed_body") from None
+    """The request body as JSON; 413 over `max_bytes`, 415 unless declared so, 400 unless strict UTF-8 JSON."""
+    # A declared length over the limit is refused first, whatever the body claims to be.
+    _refuse_declared_length(request, max_bytes)
+    refusal = json_content_type_refusal(request)
+    if refusal is not None:
+        raise UnsupportedMediaType(refusal, code="unsupported_media_type")
+    raw = await _read_body(request, max_bytes)
     try:
         text = raw.decode("utf-8")
         body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -50,6 +48,47 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="malformed_json") from None
     _check_json(body)
     return body
+
+
+async def refuse_body(request: web.Request, max_bytes: int) -> None:
+    """For routes that take no body: any body they get must still be JSON (it is ignored), else 415."""
+    if not request.body_exists or json_content_type_refusal(request) is None:
+        return
+    # A chunked body may turn out empty, which is as good as none.
+    if await _read_body(request, max_bytes):
+        raise UnsupportedMediaType(
+            f"{request.method} {request.path} takes no body: send none, or one of type {JSON_MEDIA_TYPE}",
+            code="unsupported_media_type",
+        )
+
+
+def json_content_type_refusal(request: web.Request) -> str | None:
+    """Why the request's Content-Type is not application/json (UTF-8, the only charset read), or None."""
+    given = request.headers.get("Content-Type")
+    if given is None:
+        return f"the request body needs the header Content-Type: {JSON_MEDIA_TYPE}"
+    charset = request.charset
+    if request.content_type != JSON_MEDIA_TYPE or (charset is not None and charset.lower() not in _UTF8):
+        return f"the request body must be {JSON_MEDIA_TYPE} (UTF-8), not {given[:100]!r}"
+    return None
+
+
+async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The raw body; 413 over `max_bytes`, 400 when it cannot be read."""
+    _refuse_declared_length(request, max_bytes)
+    try:
+        return await request.read()  # aiohttp enforces client_max_size while reading (chunked bodies too)
+    except web.RequestPayloadError as exc:
+        # e.g. a Content-Encoding the body does not match, or broken chunked framing
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        raise BadRequest(f"request body could not be read: {reason}", code="malformed_body") from None
+    except ConnectionResetError:
+        raise BadRequest("the connection closed before the request body arrived", code="malformed_body") from None
+
+
+def _refuse_declared_length(request: web.Request, max_bytes: int) -> None:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(too_large_message(max_bytes))
 
 
 def too_large_message(max_bytes: int) -> str:
@@ -186,9 +225,7 @@ def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
         try:
             after_seq = decode_cursor(values["cursor"])
         except ValueError:
-            after_seq = -1
-        if after_seq < 0:
-            raise BadRequest("query parameter cursor is not a cursor this agent handed out", code="bad_query")
+            raise BadRequest("query parameter cursor is not a cursor this agent handed out", code="bad_query") from None
     return DeploymentFilter(
         application=values.get("application"),
         server=values.get("server"),
@@ -210,8 +247,11 @@ class LogQuery:
 
 def parse_log_query(query: MultiMapping[str]) -> LogQuery:
     values = single_values(query, ("follow", "tail", "offset"))
-    tail = parse_integer("tail", values["tail"], minimum=0) if "tail" in values else None
-    offset = parse_integer("offset", values["offset"], minimum=0) if "offset" in values else None
+    # Bounded like a file offset (a signed 64-bit integer), so that seeking can never overflow.
+    tail = parse_integer("tail", values["tail"], minimum=0, maximum=MAX_SQLITE_INTEGER) if "tail" in values else None
+    offset = (
+        parse_integer("offset", values["offset"], minimum=0, maximum=MAX_SQLITE_INTEGER) if "offset" in values else None
+    )
     if tail is not None and offset is not None:
         raise BadRequest("give tail or offset, not both", code="bad_query")
     follow = parse_boolean("follow", values["follow"]) if "follow" in values else False

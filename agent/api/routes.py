@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import structlog
 from aiohttp import web
 
-from agent.api.auth import READ_SCOPE, WRITE_SCOPE, requires
-from agent.api.context import engine_of
+from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
+from agent.api.context import TOKEN_SCOPES, engine_of
 from agent.api.log_stream import get_logs
-from agent.api.params import idempotency_key, parse_list_query, read_json, request_hash
+from agent.api.params import idempotency_key, parse_list_query, read_json, refuse_body, request_hash
+from agent.config import Config
 from agent.errors import Unavailable
 from agent.metrics import CONTENT_TYPE_LATEST
-from agent.models import parse_deployment_request
+from agent.models import DeploymentSpec, check_source_directory, parse_deployment_request
+from agent.policy import authorize_spec
 
 logger = structlog.get_logger("agent.api")
 
@@ -42,22 +45,35 @@ def add_routes(app: web.Application) -> None:
 async def submit_deployment(request: web.Request) -> web.Response:
     """201 + the new deployment; 200 + the earlier one when an Idempotency-Key repeats a request."""
     engine = engine_of(request)
-    settings = engine.config.agent
-    body = await read_json(request, settings.max_body_bytes)
+    config = engine.config  # one config for the whole request, even if a reload swaps it meanwhile
+    body = await read_json(request, config.agent.max_body_bytes)
     key = idempotency_key(request)
-    # Validation stats source paths: keep even that off the event loop.
-    spec = await asyncio.to_thread(
-        parse_deployment_request,
-        body,
-        servers=engine.server_names(),
-        default_build_timeout_s=settings.default_build_timeout_s,
-    )
+    # Policy and validation stat source paths: keep even that off the event loop.
+    spec = await asyncio.to_thread(accept_request, body, config, engine.server_names(), request[TOKEN_SCOPES])
     deployment, created = await engine.submit(spec, idempotency_key=key, request_hash=request_hash(body))
     return web.json_response(
         deployment.to_json(),
         status=201 if created else 200,
         headers={"Location": f"/v1/deployments/{deployment.id}"},
     )
+
+
+def accept_request(body: object, config: Config, servers: frozenset[str], scopes: frozenset[str]) -> DeploymentSpec:
+    """The validated spec of a submit (422), if the config and the token's scopes allow it (403).
+
+    The source directory is looked at only once policy allows its path, so that a 422 cannot
+    tell a caller what exists outside `security.source_roots`.
+    """
+    spec = parse_deployment_request(
+        body,
+        servers=servers,
+        default_build_timeout_s=config.agent.default_build_timeout_s,
+        bind_addresses=config.docker.bind_addresses,
+        check_source=False,
+    )
+    authorize_spec(spec, config, scopes)
+    check_source_directory(spec)
+    return spec
 
 
 @requires(READ_SCOPE)
@@ -76,6 +92,7 @@ async def get_deployment(request: web.Request) -> web.Response:
 @requires(WRITE_SCOPE)
 async def kill_deployment(request: web.Request) -> web.Response:
     """202 + the deployment as it is after the kill (cancelled)."""
+    await refuse_body(request, engine_of(request).config.agent.max_body_bytes)
     deployment = await engine_of(request).kill(request.match_info["id"])
     return web.json_response(deployment.to_json(), status=202)
 
@@ -83,7 +100,12 @@ async def kill_deployment(request: web.Request) -> web.Response:
 @requires(WRITE_SCOPE)
 async def rollback_deployment(request: web.Request) -> web.Response:
     """201 + a new deployment that brings back the release of {id}."""
-    deployment = await engine_of(request).rollback(request.match_info["id"])
+    engine = engine_of(request)
+    await refuse_body(request, engine.config.agent.max_body_bytes)
+    target = await engine.get(request.match_info["id"])
+    # A rollback starts the target's release again: a host process needs the scope it needed at submit.
+    authorize_spec(dataclasses.replace(target.spec, source=None, build=None), engine.config, request[TOKEN_SCOPES])
+    deployment = await engine.rollback(target.id)
     return web.json_response(
         deployment.to_json(), status=201, headers={"Location": f"/v1/deployments/{deployment.id}"}
     )
@@ -102,16 +124,24 @@ async def get_application(request: web.Request) -> web.Response:
 
 @requires(WRITE_SCOPE)
 async def stop_application(request: web.Request) -> web.Response:
+    await refuse_body(request, engine_of(request).config.agent.max_body_bytes)
     return web.json_response(await engine_of(request).stop_application(request.match_info["name"]), status=202)
 
 
 @requires(WRITE_SCOPE)
 async def start_application(request: web.Request) -> web.Response:
-    return web.json_response(await engine_of(request).start_application(request.match_info["name"]), status=202)
+    """202; starting a host-process release again needs what submitting it did (403 otherwise)."""
+    engine = engine_of(request)
+    await refuse_body(request, engine.config.agent.max_body_bytes)
+    name = request.match_info["name"]
+    current = await engine.get((await engine.get_application(name))["current_deployment_id"])
+    authorize_spec(dataclasses.replace(current.spec, source=None, build=None), engine.config, request[TOKEN_SCOPES])
+    return web.json_response(await engine.start_application(name), status=202)
 
 
 @requires(WRITE_SCOPE)
 async def delete_deployment(request: web.Request) -> web.Response:
+    await refuse_body(request, engine_of(request).config.agent.max_body_bytes)
     await engine_of(request).delete(request.match_info["id"])
     return web.Response(status=204)
 
@@ -129,8 +159,13 @@ async def check_server(request: web.Request) -> web.Response:
 
 @requires(None)
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the agent can serve; 503 with the reason (shutting down, Docker unreachable) otherwise."""
+    """200 while the agent can serve; 503 with the reason (shutting down, Docker unreachable) otherwise.
+
+    Anonymous callers learn only the status; a valid token of any scope also gets the details
+    (Docker version, running deployments).
+    """
     engine = engine_of(request)
+    token = optional_token(request)
     if not engine.accepting:
         raise Unavailable("the agent is shutting down", code="shutting_down")
     try:
@@ -140,6 +175,8 @@ async def healthz(request: web.Request) -> web.Response:
         raise Unavailable(f"health check failed: {exc}", code="health_check_failed") from None
     if not ok:
         raise Unavailable(str(details.get("reason") or "the agent cannot serve"), code="unhealthy")
+    if token is None:
+        return web.json_response({"status": "ok"})
     return web.json_response({**details, "status": "ok"})
 
 

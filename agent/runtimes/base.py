@@ -27,6 +27,10 @@ class ReleaseSpec:
     image: str | None = None
     host_port: int | None = None
     bind: str = "127.0.0.1"
+    # Container only: limits (memory in bytes); None takes the runtime's [docker] release_* default.
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
     # Process only: the directory the command runs in (holds the workspace).
     workdir: Path | None = None
 

@@ -1,6 +1,8 @@
 """Builds and releases in Docker containers.
 
-Builds: create, copy the workspace in, start, stream, wait, stop, commit, remove.
+Builds: create, copy the workspace in, start, stream, wait, stop, commit, remove. The commit
+is of a fresh container of the build image holding only the built /workspace, so the release
+image carries none of the build's environment (see _commit).
 Releases: start a long-lived container from the build's image, publish its ports,
 follow its output (across Docker's restarts of it), stop, resume, remove.
 
@@ -33,7 +35,7 @@ from docker.utils import parse_repository_tag
 
 from agent.config import DockerSettings
 from agent.errors import RuntimeFailure, Unavailable
-from agent.logs import DeploymentLog, LineSplitter
+from agent.logs import DEFAULT_POLICY, DeploymentLog, LineSplitter, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 
 DEPLOYMENT_LABEL = "deploy-agent.deployment"
@@ -48,6 +50,8 @@ IMAGE_ROLE = "image"
 RELEASE_ROLE = "release"
 # The stopped container copy_workspace_out reads an image's /workspace from.
 COPY_ROLE = "copy"
+# The never-started container a build's result is committed from (see _commit); swept with builds.
+SNAPSHOT_ROLE = "snapshot"
 # Build result images are `deploy-agent/<application>:<tag>`; they are never pulled from a registry.
 RELEASE_REPOSITORY = "deploy-agent"
 WORKSPACE = "/workspace"
@@ -76,6 +80,22 @@ PORTS_PUBLISHED_S = 2.0
 RESTART_POLL_S = (0.1, 0.5)
 # How long to keep waiting for a release to come back while the Docker engine cannot be reached.
 ENGINE_OUTAGE_S = 120.0
+# Every container the agent creates: no setuid binary, file capability or exec may gain privileges.
+SECURITY_OPT = ("no-new-privileges",)
+# Docker's default set without NET_RAW (raw sockets: spoofing on the bridge network), MKNOD
+# (device nodes), SYS_CHROOT, AUDIT_WRITE (the host's audit log), SETPCAP and SETFCAP
+# (granting capabilities to processes and files). What stays is what a build or release
+# running as root does in ordinary work:
+KEPT_CAPABILITIES = (
+    "CHOWN",  # chown files: package installs, `chown app /workspace`
+    "DAC_OVERRIDE",  # root reads and writes files whatever their mode bits (caches, read-only files)
+    "FOWNER",  # chmod, utime and xattrs on files of other users (tar, cp -p, package managers)
+    "FSETID",  # keep setuid/setgid bits across chmod and chown (package installs)
+    "SETUID",  # switch to another user: su, gosu, apt's _apt sandbox, a release dropping root
+    "SETGID",  # the same for groups (setgroups)
+    "KILL",  # signal processes of other users in the container (a root supervisor's workers)
+    "NET_BIND_SERVICE",  # listen on ports below 1024 (httpd -p 80)
+)
 _PORT_IN_USE = re.compile(r"(?:Bind for \S*:(\d+) failed: port is already allocated|listen \w+ \S*:(\d+): bind: address already in use)")
 
 T = TypeVar("T")
@@ -144,6 +164,8 @@ class _BuildSession:
     stream: CancellableStream | None = None
     pump: asyncio.Future[None] | None = None
     waiting: asyncio.Future[dict[str, Any]] | None = None
+    # Set by stop_deployment: a failure from here on is the stop's doing, not the build's.
+    stopped: bool = False
 
 
 class ContainerRuntime:
@@ -170,6 +192,8 @@ class ContainerRuntime:
         )
         # The output follower of each release container this runtime streams, by container id.
         self._release_outputs: dict[str, _ReleaseOutput] = {}
+        # The builds running now, by deployment id.
+        self._builds: dict[str, _BuildSession] = {}
         # Created on first use, in a pool thread: the SDK asks the engine for its API version
         # while constructing the client, which blocks and fails when the engine is down.
         self._client: docker.DockerClient | None = None
@@ -193,6 +217,7 @@ class ContainerRuntime:
         await self._ensure_image(job.image, log)
         container_id = await self._create_container(job)
         session = _BuildSession(container_id)
+        self._builds[job.deployment_id] = session
         try:
             return await self._run_container(session, job, log, on_start)
         except _ContainerMissing as exc:
@@ -200,17 +225,22 @@ class ContainerRuntime:
             exit_code = _exit_code_of(session.waiting)
             return BuildResult(exit_code=exit_code, timed_out=False, image=None)
         finally:
+            if self._builds.get(job.deployment_id) is session:
+                del self._builds[job.deployment_id]
             # Shielded: a second cancellation must not leave the container behind.
             await asyncio.shield(self._discard_session(session))
 
     async def stop_deployment(self, deployment_id: str, grace_s: float) -> int:
-        """Stops (SIGTERM, SIGKILL after `grace_s`) and removes the deployment's build containers."""
+        """Stops (SIGTERM, SIGKILL after `grace_s`) and removes the deployment's build and snapshot containers."""
+        session = self._builds.get(deployment_id)
+        if session is not None:
+            session.stopped = True
         containers = await self._list_build_containers(f"{DEPLOYMENT_LABEL}={deployment_id}")
         await asyncio.gather(*(self._stop_and_remove(entry["Id"], grace_s) for entry in containers))
         return len(containers)
 
     async def remove_build_containers(self, keep: Callable[[str], bool]) -> list[str]:
-        """Removes build containers whose deployment `keep` rejects; returns those deployment ids."""
+        """Removes build and snapshot containers whose deployment `keep` rejects; returns those deployment ids."""
         containers = await self._list_build_containers()
         removed: list[str] = []
         for entry in containers:
@@ -218,7 +248,8 @@ class ContainerRuntime:
             if not deployment_id or keep(deployment_id):
                 continue
             await self._remove_container(entry["Id"])
-            removed.append(deployment_id)
+            if deployment_id not in removed:
+                removed.append(deployment_id)
         return removed
 
     async def image_exists(self, reference: str) -> bool:
@@ -281,9 +312,12 @@ class ContainerRuntime:
         details = await self._inspect_release(handle)
         if details is None:
             return None
+        # In the handle's order: its first port is the one published on the bound address.
+        bindings = _published_bindings(details, tuple(handle.ports) or None)
         return replace(
             handle,
-            ports=_published_ports(details),
+            host=_bound_host(bindings, handle.host),
+            ports={port: host_port for port, (_, host_port) in bindings.items()},
             pid=int((details.get("State") or {}).get("Pid") or 0) or None,
         )
 
@@ -343,8 +377,12 @@ class ContainerRuntime:
             return []
         return [line.rstrip("\r") for line in raw.decode("utf-8", errors="replace").splitlines()][-lines:]
 
-    async def attach_release_output(self, handle: ReleaseHandle, log_path: Path) -> None:
+    async def attach_release_output(
+        self, handle: ReleaseHandle, log_path: Path, policy: LogPolicy = DEFAULT_POLICY
+    ) -> None:
         """Follows a release's output from now on into the log at `log_path` (after an agent restart).
+
+        `policy` is the deployment's (LogPolicy.for_spec), so that the log stays masked and capped.
 
         A no-op when it is already followed, gone, or stopped (resume_release follows it again).
         """
@@ -364,7 +402,7 @@ class ContainerRuntime:
         elif not state.get("Restarting"):
             return
         # Restarting: the follower picks the output up once Docker has started it again.
-        self._follow_output(container_id, log_path, stream)
+        self._follow_output(container_id, log_path, stream, policy)
 
     async def detach_release_output(self, handle: ReleaseHandle) -> None:
         """Stops copying the release's output into its log; the release itself goes on."""
@@ -501,6 +539,7 @@ class ContainerRuntime:
         host_config = api.create_host_config(
             init=True,  # docker-init forwards SIGTERM to the command and reaps zombies
             privileged=False,
+            **_hardening(),
             mem_limit=settings.build_memory_bytes,
             nano_cpus=int(settings.build_cpus * 1e9) if settings.build_cpus else None,
             pids_limit=settings.build_pids,
@@ -556,7 +595,16 @@ class ContainerRuntime:
         log.agent(STAGE, f"build container exited with code {exit_code}")
         image = None
         if exit_code == 0 and job.commit_image:
-            image = await self._commit(container_id, job, log)
+            try:
+                image = await self._commit(container_id, job, log)
+            except RuntimeFailure as exc:
+                if not session.stopped:
+                    if isinstance(exc, _ContainerMissing):
+                        raise RuntimeFailure(f"the build result could not be kept: {exc.message}") from exc
+                    raise
+                # Stopped while its result was being kept: as killed, which the engine reports.
+                log.agent(STAGE, "the build was stopped before its result was kept")
+                return BuildResult(exit_code=UNKNOWN_EXIT_CODE, timed_out=False, image=None)
         return BuildResult(exit_code=exit_code, timed_out=False, image=image)
 
     async def _copy_workspace(self, container_id: str, workspace: Path) -> None:
@@ -615,33 +663,72 @@ class ContainerRuntime:
             await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
 
     async def _commit(self, container_id: str, job: BuildJob, log: DeploymentLog) -> str:
+        """Commits the build image plus the built /workspace, and nothing of the build's environment.
+
+        Docker's commit keeps every variable of the committed container's Env (it adds each one
+        the commit's own Env lacks), and the build container's Env holds build.env. So the build
+        container is never committed: a fresh container of the build image, never started and
+        given no environment, receives the built /workspace and is committed instead.
+        """
         assert job.commit_image is not None
         repository, tag = parse_repository_tag(job.commit_image)
         tag = tag or "latest"
         base_config = await self._image_config(job.image)
-        # Docker merges this into the container's config: restore the base image's command
-        # and entrypoint so the image does not rerun the build when started without a command.
-        conf = {
-            "Labels": {
-                DEPLOYMENT_LABEL: job.deployment_id,
-                APPLICATION_LABEL: job.application,
-                ROLE_LABEL: IMAGE_ROLE,
-            },
-            "Cmd": base_config.get("Cmd"),
-            "Entrypoint": base_config.get("Entrypoint"),
-        }
+        snapshot_id = await self._create_cancel_safe(
+            "creating the snapshot container", functools.partial(self._create_snapshot_in_thread, job)
+        )
         try:
+            await self._copy_built_workspace(container_id, snapshot_id, job)
+            # The base image's command and entrypoint, not the snapshot's placeholder; its Env exactly.
+            conf = {
+                "Labels": {
+                    DEPLOYMENT_LABEL: job.deployment_id,
+                    APPLICATION_LABEL: job.application,
+                    ROLE_LABEL: IMAGE_ROLE,
+                },
+                "Cmd": base_config.get("Cmd"),
+                "Entrypoint": base_config.get("Entrypoint"),
+                "Env": base_config.get("Env"),
+            }
             await self._call(
                 "committing the build result",
-                lambda: self._docker().api.commit(container_id, repository=repository, tag=tag, conf=conf),
+                lambda: self._docker().api.commit(
+                    snapshot_id, repository=repository, tag=tag, conf=conf,
+                    message=f"deploy-agent: {WORKSPACE} built by {job.deployment_id}",
+                ),
             )
-        except _ContainerMissing as exc:
-            raise RuntimeFailure(
-                f"the build container was removed before its result could be committed: {exc.message}"
-            ) from exc
+        finally:
+            await asyncio.shield(self._remove_container(snapshot_id))
         reference = f"{repository}:{tag}"
         log.agent(STAGE, f"committed the build result as image {reference}")
         return reference
+
+    def _create_snapshot_in_thread(self, job: BuildJob) -> str:
+        api = self._docker().api
+        created = api.create_container(
+            image=job.image,
+            # Never started: any command does, and an image without one still gets a container.
+            command=["true"],
+            entrypoint=[],
+            labels=self._labels(SNAPSHOT_ROLE, job.deployment_id, job.application),
+            name=f"deploy-agent-snapshot-{job.deployment_id}",
+            host_config=api.create_host_config(**_hardening()),
+        )
+        return str(created["Id"])
+
+    async def _copy_built_workspace(self, build_id: str, snapshot_id: str, job: BuildJob) -> None:
+        """Copies /workspace, owners and modes kept, from the exited build container into the snapshot."""
+        archive = await self._call(
+            f"copying {WORKSPACE} out of the build container",
+            functools.partial(self._fetch_workspace_in_thread, build_id, job.workspace.parent),
+        )
+        try:
+            await self._call(
+                f"copying {WORKSPACE} into the snapshot container",
+                lambda: self._docker().api.put_archive(snapshot_id, "/", archive),
+            )
+        finally:
+            archive.close()
 
     async def _image_config(self, reference: str) -> dict[str, Any]:
         """The image's config, or an empty one when the image is gone."""
@@ -681,9 +768,15 @@ class ContainerRuntime:
                 bindings[port] = (spec.bind, spec.host_port or None)
             else:
                 bindings[port] = ("127.0.0.1", None)
+        settings = self._settings
+        cpus = spec.cpus or settings.release_cpus
         host_config = api.create_host_config(
             init=True,  # docker-init forwards SIGTERM to the command and reaps zombies
             privileged=False,
+            **_hardening(),
+            mem_limit=spec.memory or settings.release_memory_bytes,
+            nano_cpus=int(cpus * 1e9),
+            pids_limit=spec.pids or settings.release_pids,
             restart_policy=UNCHECKED_RESTART_POLICY,
             log_config=RELEASE_LOG_CONFIG,
             port_bindings=bindings or None,
@@ -710,7 +803,7 @@ class ContainerRuntime:
         container_id = handle.container_id
         assert container_id is not None
         # Attached before the start, so that not one line of early output is missed.
-        self._follow_output(container_id, log.path, await self._attach(container_id))
+        self._follow_output(container_id, log.path, await self._attach(container_id), log.policy)
         try:
             await self._call("starting the release container", lambda: self._docker().api.start(container_id))
         except _ContainerMissing:
@@ -726,16 +819,22 @@ class ContainerRuntime:
             details = await self._call(
                 "inspecting the release container", lambda: self._docker().api.inspect_container(container_id)
             )
-            ports = _published_ports(details, wanted)
+            bindings = _published_bindings(details, wanted)
             state = details.get("State") or {}
             # A release that died at once has no ports to wait for; release_state tells the engine.
-            if len(ports) == len(wanted) or not _is_running(state) or time.monotonic() >= deadline:
+            if len(bindings) == len(wanted) or not _is_running(state) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
         pid = int(state.get("Pid") or 0) or None
-        published = ", ".join(f"{port} -> {handle.host}:{host}" for port, host in ports.items())
+        published = ", ".join(f"{port} -> {address or '*'}:{host}" for port, (address, host) in bindings.items())
         log.agent(RELEASE_STAGE, f"release container {container_id[:12]} started (pid {pid}; ports {published or 'none'})")
-        return replace(handle, ports=ports, pid=pid)
+        # The url is built from the address Docker reports having bound, never from the request.
+        return replace(
+            handle,
+            host=_bound_host(bindings, handle.host),
+            ports={port: host_port for port, (_, host_port) in bindings.items()},
+            pid=pid,
+        )
 
     async def _discard_release(self, container_id: str) -> None:
         """Undoes a release start that failed: no follower, no container."""
@@ -773,6 +872,7 @@ class ContainerRuntime:
             entrypoint=[],
             # Deployment and application come with the build result image's own labels.
             labels=self._labels(COPY_ROLE),
+            host_config=api.create_host_config(**_hardening()),
         )
         return str(created["Id"])
 
@@ -797,11 +897,13 @@ class ContainerRuntime:
             lambda: self._docker().api.attach(container_id, stream=True, logs=False, demux=True),
         )
 
-    def _follow_output(self, container_id: str, log_path: Path, stream: CancellableStream | None) -> None:
+    def _follow_output(
+        self, container_id: str, log_path: Path, stream: CancellableStream | None, policy: LogPolicy
+    ) -> None:
         """Starts copying the container's output into the log at `log_path`, in the background."""
         # The follower writes through its own writer: the engine may close its log of the
         # deployment long before the release ends.
-        output = _ReleaseOutput(container_id, DeploymentLog(log_path), stream)
+        output = _ReleaseOutput(container_id, DeploymentLog(log_path, policy), stream)
         self._release_outputs[container_id] = output
         output.task = asyncio.ensure_future(self._follow_release_output(output))
         output.task.add_done_callback(functools.partial(self._forget_output, output))
@@ -902,8 +1004,10 @@ class ContainerRuntime:
     # --- container housekeeping ------------------------------------------------------------
 
     async def _list_build_containers(self, *labels: str) -> list[dict[str, Any]]:
-        """This runtime's build containers, running or not, that carry every given label."""
-        return await self._list_containers(BUILD_ROLE, *labels)
+        """This runtime's build and snapshot containers, running or not, that carry every given label."""
+        # Docker ANDs label filters: one listing per role.
+        builds = await self._list_containers(BUILD_ROLE, *labels)
+        return builds + await self._list_containers(SNAPSHOT_ROLE, *labels)
 
     async def _list_containers(self, role: str, *labels: str) -> list[dict[str, Any]]:
         """This runtime's containers of `role`, running or not, that carry every given label."""
@@ -1070,7 +1174,7 @@ def _extract_workspace(archive: IO[bytes], dest: Path, image: str) -> None:
                 members.append(member)
             # The "data" filter also refuses links that point outside dest and drops owners and modes bits.
             tar.errorlevel = 1
-            tar.extractall(dest, members=members, filter="data")
+            tar.extractall(dest, members=members, filter=_private_data)
     except tarfile.FilterError as exc:
         raise RuntimeFailure(f"refusing unsafe entry in {WORKSPACE} of image {image}: {exc}") from exc
     except (tarfile.TarError, OSError) as exc:
@@ -1081,7 +1185,22 @@ def _owned_by_root(entry: tarfile.TarInfo) -> tarfile.TarInfo:
     # As `docker cp` does: the agent's own uid means nothing inside the container.
     entry.uid = entry.gid = 0
     entry.uname = entry.gname = "root"
+    # The agent's copies are owner-only (umask 077); inside the container they get the modes
+    # git would give them, so an image that runs as a non-root USER can still read /workspace.
+    if entry.isdir() or (entry.isfile() and entry.mode & 0o100):
+        entry.mode = 0o755
+    elif entry.isfile():
+        entry.mode = 0o644
     return entry
+
+
+def _private_data(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter, then owner-only modes: files the agent extracts are its user's alone."""
+    member = tarfile.data_filter(member, path)
+    if member.mode is not None and not member.issym():
+        mode = 0o700 if member.isdir() else (member.mode & 0o100) | 0o600
+        member = member.replace(mode=mode, deep=False)
+    return member
 
 
 def _close_quietly(stream: CancellableStream) -> None:
@@ -1106,18 +1225,27 @@ def _is_running(state: Mapping[str, Any]) -> bool:
     return bool(state.get("Running")) and not state.get("Restarting")
 
 
-def _published_ports(details: Mapping[str, Any], wanted: tuple[int, ...] | None = None) -> dict[int, int]:
-    """Container port → host port, for the wanted (default: all) tcp ports Docker has published."""
+def _published_bindings(
+    details: Mapping[str, Any], wanted: tuple[int, ...] | None = None
+) -> dict[int, tuple[str, int]]:
+    """Container port → (host address, host port) as Docker reports them, for the wanted (default: all) tcp ports."""
     published = (details.get("NetworkSettings") or {}).get("Ports") or {}
     if wanted is None:
         wanted = tuple(sorted(int(key.split("/")[0]) for key in published if key.endswith("/tcp")))
-    ports: dict[int, int] = {}
+    bindings: dict[int, tuple[str, int]] = {}
     for port in wanted:
         for binding in published.get(f"{port}/tcp") or []:
             if binding.get("HostPort"):
-                ports[port] = int(binding["HostPort"])
+                bindings[port] = (str(binding.get("HostIp") or ""), int(binding["HostPort"]))
                 break
-    return ports
+    return bindings
+
+
+def _bound_host(bindings: Mapping[int, tuple[str, int]], fallback: str) -> str:
+    """Where the agent and clients reach the release: the address Docker bound its first port on."""
+    for address, _ in bindings.values():
+        return _reachable_host(address)
+    return fallback
 
 
 def _port_in_use(exc: RuntimeFailure, spec: ReleaseSpec) -> RuntimeFailure | None:
@@ -1127,6 +1255,11 @@ def _port_in_use(exc: RuntimeFailure, spec: ReleaseSpec) -> RuntimeFailure | Non
         return None
     port = match.group(1) or match.group(2)
     return RuntimeFailure(f"cannot start the release: host port {port} is already in use on {spec.bind or '*'}")
+
+
+def _hardening() -> dict[str, list[str]]:
+    """Host config of every container: no new privileges, and only the capabilities kept above."""
+    return {"security_opt": list(SECURITY_OPT), "cap_drop": ["ALL"], "cap_add": list(KEPT_CAPABILITIES)}
 
 
 def _build_labels(job: BuildJob) -> dict[str, str]:

@@ -38,7 +38,7 @@ from typing import Iterable
 import psutil
 
 from agent.errors import RuntimeFailure
-from agent.logs import DeploymentLog, read_tail
+from agent.logs import DeploymentLog, LogPolicy, read_tail
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 
 SUPERVISOR_MODULE = "agent.runtimes.supervise"
@@ -108,7 +108,8 @@ class ProcessRuntime:
             raise RuntimeFailure("a process release needs a working directory")
         argv = command_argv(spec.command)
         files = self.files(spec.deployment_id)
-        supervisor = await asyncio.to_thread(self._spawn, spec, argv, files)
+        # The supervisor writes the log in its own process, held to the same policy as `log`.
+        supervisor = await asyncio.to_thread(self._spawn, spec, argv, files, log.policy)
         pid, started_at = await self._wait_for_pid(supervisor, files)
         log.agent(RELEASE_STAGE, f"started process {pid}: {display_command(spec.command)}")
         return ReleaseHandle(
@@ -178,7 +179,9 @@ class ProcessRuntime:
 
     # -- internals (run on worker threads) -----------------------------------------------------
 
-    def _spawn(self, spec: ReleaseSpec, argv: list[str], files: ReleaseFiles) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, spec: ReleaseSpec, argv: list[str], files: ReleaseFiles, policy: LogPolicy
+    ) -> subprocess.Popen[bytes]:
         files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in (files.pid, files.exit, files.stopping):
             stale.unlink(missing_ok=True)
@@ -194,6 +197,7 @@ class ProcessRuntime:
             "--stop-file", str(files.stopping),
             "--workdir", str(Path(spec.workdir).resolve()),
             "--kill-grace", str(self.kill_grace_s),
+            "--max-log-bytes", str(policy.max_bytes),
             "--env-from-stdin",
             "--", *argv,
         ]
@@ -213,7 +217,9 @@ class ProcessRuntime:
         threading.Thread(target=supervisor.wait, name=f"supervisor-{supervisor.pid}", daemon=True).start()
         assert supervisor.stdin is not None
         try:
-            supervisor.stdin.write(json.dumps(release_env(spec)).encode("utf-8"))
+            # Secrets go on stdin, never in arguments that `ps` shows.
+            payload = {"env": release_env(spec), "secrets": list(policy.secrets)}
+            supervisor.stdin.write(json.dumps(payload).encode("utf-8"))
         except BrokenPipeError:
             pass  # it died already; _wait_for_pid reports why
         finally:

@@ -119,6 +119,12 @@ class OutputFollower:
                     offset = 0  # the file was started anew (the release was started again)
                 if size == offset:
                     break
+                if self.log.full:
+                    # Nothing more goes into the log: count the new bytes instead of downloading them.
+                    self.log.count_dropped(RELEASE_STAGE, size - offset)
+                    self._offsets[stream] = size
+                    self._save_offsets()
+                    break
                 async with sftp.open(path, "rb") as remote:
                     chunk = await remote.read(min(size - offset, READ_LIMIT_BYTES), offset)
                 if not chunk:
@@ -139,7 +145,8 @@ class OutputFollower:
     def _write(self, stream: str, lines: list[str]) -> None:
         if lines:
             self.log.write_lines(RELEASE_STAGE, stream, lines)
-            self.tail.extend(lines)
+            # The tail ends up in error messages (last_output): masked like the log.
+            self.tail.extend(self.log.mask(line) for line in lines)
 
     def _flush(self) -> None:
         for stream in STREAMS:

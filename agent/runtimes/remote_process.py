@@ -42,10 +42,15 @@ from typing import Awaitable, Callable, Mapping
 import asyncssh
 
 from agent.errors import AgentError, RuntimeFailure
-from agent.logs import DeploymentLog, LineSplitter
+from agent.logs import DEFAULT_POLICY, DeploymentLog, LineSplitter, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.remote_output import LIVENESS_EVERY_S, OutputFollower
 from agent.workspace import redact_url
+
+_REMOTE_GIT_OPTIONS = (
+    "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never", "-c", "protocol.file.allow=always",
+    "-c", "submodule.recurse=false",
+)
 
 Connect = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
 OnStart = Callable[[int, float], Awaitable[None]]
@@ -254,11 +259,15 @@ class RemoteProcessRuntime:
         """Clones `url` into `remote_dir` on the server and checks out `ref`; output goes to stage "source"."""
         shown = redact_url(url)
         log.agent(SOURCE_STAGE, f"cloning {shown} into {remote_dir} on server {self.server_name}")
-        git_env = {"GIT_TERMINAL_PROMPT": "0"}
+        # As on the agent's host: never `ext::` (it runs a command), never follow submodules.
+        # Local paths stay allowed: on a server they name the login's own repositories.
+        git_env = {"GIT_TERMINAL_PROMPT": "0", "GIT_PROTOCOL_FROM_USER": "0"}
         await self._clear_owned(remote_dir)
         # From the login's home, where relative paths (remote_dir, a path url) are meant; git creates
         # the leading directories.
-        code = await self._run_to_end(".", git_env, ("git", "clone", "--", url, remote_dir), log, SOURCE_STAGE)
+        code = await self._run_to_end(
+            ".", git_env, ("git", *_REMOTE_GIT_OPTIONS, "clone", "--", url, remote_dir), log, SOURCE_STAGE
+        )
         if code != 0:
             raise RuntimeFailure(f"git clone of {shown} on server {self.server_name} failed with exit code {code}",
                                  exit_code=code)
@@ -427,7 +436,8 @@ class RemoteProcessRuntime:
         previous = self._releases.pop(spec.deployment_id, None)
         if previous is not None:
             await _forget(previous)
-        follower = self._follower(spec.deployment_id, spec.log_path, fresh=True)
+        # The follower outlives `log` and writes through its own writer, held to the same policy.
+        follower = self._follower(spec.deployment_id, spec.log_path, log.policy, fresh=True)
         try:
             connection = await self._connection()
             host = _peer_host(connection)
@@ -476,11 +486,14 @@ class RemoteProcessRuntime:
             process_group=pid,
         )
 
-    def follow_release(self, handle: ReleaseHandle, log_path: Path) -> None:
-        """Copies a running release's output into `log_path` again, from where it stopped (after a restart)."""
+    def follow_release(self, handle: ReleaseHandle, log_path: Path, policy: LogPolicy = DEFAULT_POLICY) -> None:
+        """Copies a running release's output into `log_path` again, from where it stopped (after a restart).
+
+        `policy` is the deployment's (LogPolicy.for_spec), so that the log stays masked and capped.
+        """
         if handle.pid is None or handle.pid_started_at is None or self._release_of(handle) is not None:
             return
-        follower = self._follower(handle.deployment_id, log_path, fresh=False)
+        follower = self._follower(handle.deployment_id, log_path, policy, fresh=False)
         self._releases[handle.deployment_id] = self._follow(
             handle.deployment_id, handle.pid, handle.pid_started_at, follower
         )
@@ -663,12 +676,12 @@ class RemoteProcessRuntime:
         assert self.state_dir is not None
         return self.state_dir / f"{deployment_id}.offsets"
 
-    def _follower(self, deployment_id: str, log_path: Path, *, fresh: bool) -> OutputFollower:
+    def _follower(self, deployment_id: str, log_path: Path, policy: LogPolicy, *, fresh: bool) -> OutputFollower:
         offsets = self._offsets_file(deployment_id) if self.state_dir is not None else None
         if fresh and offsets is not None:
             offsets.unlink(missing_ok=True)
         return OutputFollower(
-            server_name=self.server_name, run_dir=self.run_dir(deployment_id), log=DeploymentLog(log_path),
+            server_name=self.server_name, run_dir=self.run_dir(deployment_id), log=DeploymentLog(log_path, policy),
             open_sftp=self._shared_sftp, discard_sftp=self._discard_sftp, offsets_file=offsets,
             tail=deque(maxlen=OUTPUT_LINES_KEPT),
         )
@@ -748,7 +761,8 @@ class _LineSink:
             return
         self.log.write_lines(self.stage, stream, lines)
         if self.tail is not None:
-            self.tail.extend(lines)
+            # The tail ends up in error messages: masked like the log.
+            self.tail.extend(self.log.mask(line) for line in lines)
 
 
 class _CommandSession(asyncssh.SSHClientSession[bytes]):

@@ -1,7 +1,8 @@
 """The supervisor of one host-process release: runs its command and copies its output to the log.
 
     python -P -m agent.runtimes.supervise --log PATH --pid-file PATH --exit-file PATH
-        [--workdir DIR] [--stop-file PATH] [--kill-grace SECONDS] [--env-from-stdin] -- CMD...
+        [--workdir DIR] [--stop-file PATH] [--kill-grace SECONDS] [--max-log-bytes N]
+        [--env-from-stdin] -- CMD...
 
 The process runtime starts it detached from the agent (its own session), so the release and its
 log outlive an agent restart. It
@@ -9,20 +10,23 @@ log outlive an agent restart. It
 - starts CMD as its child, in its own process group, so `killpg(supervisor pid)` reaches the tree,
   and makes itself the child subreaper, so orphaned descendants stay in its tree;
 - writes `<pid> <create time>` of CMD to the pid file (atomically) once CMD runs;
-- writes each output line to the log as `<time> release stdout|stderr | text`;
+- writes each output line to the log as `<time> release stdout|stderr | text`, with every secret
+  shown as `***`, until the log holds `--max-log-bytes` (then it counts what it drops, and notes
+  the count when it exits);
 - forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to CMD, except SIGTERM while the
   stop file exists (the agent then signals the whole group, and CMD must not get it twice);
 - when CMD ends, writes its exit code (negative: the signal) to the exit file, ends what is left
   of the tree (SIGTERM, `--kill-grace` seconds, SIGKILL) as a container's end would, and exits.
 
-With `--env-from-stdin` CMD's environment is a JSON object read from stdin, so that no secret
-shows in the supervisor's arguments or environment and no PYTHONPATH of the application changes
-what the supervisor imports. If CMD cannot start, the exit file holds 127 (or 126) and the reason.
+With `--env-from-stdin` stdin holds a JSON object `{"env": {...}, "secrets": [...]}`: CMD's
+environment and the values its log masks, so that no secret shows in the supervisor's arguments
+or environment and no PYTHONPATH of the application changes what the supervisor imports. If CMD cannot start, the exit file holds 127 (or 126) and the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -37,7 +41,7 @@ from typing import Sequence
 
 import psutil
 
-from agent.logs import DeploymentLog, LineSplitter
+from agent.logs import DEFAULT_MAX_LOG_BYTES, DeploymentLog, LineSplitter, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -252,7 +256,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="the command's working directory")
     parser.add_argument("--stop-file", default=None, help="while it exists, SIGTERM is not forwarded")
     parser.add_argument("--kill-grace", type=float, default=10.0, help="seconds before leftovers get SIGKILL")
-    parser.add_argument("--env-from-stdin", action="store_true", help="read the command's environment as JSON")
+    parser.add_argument(
+        "--max-log-bytes", type=int, default=DEFAULT_MAX_LOG_BYTES, help="the log's cap; output beyond it is counted"
+    )
+    parser.add_argument(
+        "--env-from-stdin", action="store_true", help="read the command's environment and the secrets as JSON"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -262,22 +271,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def read_env() -> dict[str, str]:
+def read_stdin() -> tuple[dict[str, str], tuple[str, ...]]:
+    """The command's environment and the secrets its log masks, from the JSON object on stdin."""
     data = json.loads(sys.stdin.buffer.read() or b"{}")
-    if not isinstance(data, dict):
-        raise ValueError("the environment on stdin must be a JSON object")
     # Nothing more comes on stdin; keep fd 0 open on /dev/null so that no later file takes it.
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    return {str(key): str(value) for key, value in data.items()}
+    env = data.get("env", {}) if isinstance(data, dict) else None
+    secrets = data.get("secrets", []) if isinstance(data, dict) else None
+    if not isinstance(env, dict) or not isinstance(secrets, list):
+        raise ValueError('stdin must hold a JSON object {"env": {...}, "secrets": [...]}')
+    return {str(key): str(value) for key, value in env.items()}, tuple(str(secret) for secret in secrets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    log = DeploymentLog(Path(args.log))
     try:
-        env = read_env() if args.env_from_stdin else None
+        env, secrets = read_stdin() if args.env_from_stdin else (None, ())
+    except (ValueError, OSError) as exc:
+        with DeploymentLog(Path(args.log), LogPolicy(args.max_log_bytes)) as log:
+            log.agent(RELEASE_STAGE, f"release supervisor failed: {exc!r}")
+        return 70
+    log = DeploymentLog(Path(args.log), LogPolicy(args.max_log_bytes, secrets))
+    try:
         return Supervisor(args, log, env).run()
     except Exception as exc:  # noqa: BLE001 - nobody reads our stderr; the log is the only witness
         try:
@@ -286,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 70
     finally:
-        log.close()
+        with contextlib.suppress(OSError):
+            log.close()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ READER = "read-token-0123456789abcdef"
 WRITER = "write-token-0123456789abcdef"
 MAX_BODY = 4096
 BUILD = {"image": "local/busybox", "command": ["sh", "-c", "true"]}
+JSON = {"Content-Type": "application/json"}
 
 
 class FakeEngine:
@@ -275,10 +276,12 @@ async def test_deeply_nested_json_is_refused_not_500(tmp_path: Path) -> None:
     """JSON nested past the recursion limit is 400; nesting that parses but is absurd is 422."""
     engine = FakeEngine(tmp_path, max_body=1 << 20)
     async with TestClient(TestServer(create_app(engine))) as client:  # type: ignore[arg-type]
-        response = await client.post("/v1/deployments", data=b"[" * 200_000 + b"]" * 200_000, headers=auth(WRITER))
+        response = await client.post(
+            "/v1/deployments", data=b"[" * 200_000 + b"]" * 200_000, headers={**auth(WRITER), **JSON}
+        )
         await envelope_of(response, 400, "bad_request")
         nested = '{"application": "web", "metadata": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}"
-        response = await client.post("/v1/deployments", data=nested, headers=auth(WRITER))
+        response = await client.post("/v1/deployments", data=nested, headers={**auth(WRITER), **JSON})
         body = await envelope_of(response, 422, "validation_failed")
         assert body["error"]["details"][0]["field"].startswith("metadata.a.a")
     assert engine.submissions == []
@@ -312,7 +315,7 @@ async def test_configured_server_names_are_accepted_by_validation(client: TestCl
 async def test_undecodable_body_is_400(client: TestClient) -> None:
     """A body that does not match its Content-Encoding is a 400, not a 500."""
     response = await client.post(
-        "/v1/deployments", data=b"not gzip", headers={**auth(WRITER), "Content-Encoding": "gzip"}
+        "/v1/deployments", data=b"not gzip", headers={**auth(WRITER), **JSON, "Content-Encoding": "gzip"}
     )
     body = await envelope_of(response, 400, "bad_request")
     assert "gzip" in body["error"]["message"]
@@ -320,7 +323,7 @@ async def test_undecodable_body_is_400(client: TestClient) -> None:
 
 async def test_body_over_the_limit_is_413(client: TestClient, engine: FakeEngine) -> None:
     """A body over max_body_bytes is 413, with or without Content-Length."""
-    response = await client.post("/v1/deployments", data=b"x" * (MAX_BODY + 10), headers=auth(WRITER))
+    response = await client.post("/v1/deployments", data=b"x" * (MAX_BODY + 10), headers={**auth(WRITER), **JSON})
     body = await envelope_of(response, 413, "payload_too_large")
     assert str(MAX_BODY) in body["error"]["message"]
 
@@ -328,7 +331,7 @@ async def test_body_over_the_limit_is_413(client: TestClient, engine: FakeEngine
         for _ in range(4):
             yield b"y" * 2000
 
-    response = await client.post("/v1/deployments", data=chunks(), headers=auth(WRITER))
+    response = await client.post("/v1/deployments", data=chunks(), headers={**auth(WRITER), **JSON})
     await envelope_of(response, 413, "payload_too_large")
     assert engine.submissions == []
 
@@ -754,10 +757,33 @@ def test_tail_bounds_agree_with_read_tail(tmp_path: Path, data: bytes) -> None:
 
 
 async def test_healthz_is_public_and_ok(client: TestClient) -> None:
-    """GET /healthz needs no token and reports ok with the engine's details."""
+    """GET /healthz needs no token and then reports only the status, no Docker version."""
     response = await client.get("/healthz")
     assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("token", [READER, WRITER, ADMIN])
+async def test_healthz_with_a_token_adds_the_details(client: TestClient, token: str) -> None:
+    """A valid token of any scope gets the engine's details (Docker version) with the status."""
+    response = await client.get("/healthz", headers=auth(token))
+    assert response.status == 200
     assert await response.json() == {"status": "ok", "docker": "24.0.7"}
+
+
+@pytest.mark.parametrize("header", ["Bearer not-a-real-token", "Basic YWRtaW46YWRtaW4=", "Bearer"])
+async def test_healthz_with_a_bad_token_is_anonymous(client: TestClient, header: str) -> None:
+    """An invalid token on /healthz is not a 401: the caller is anonymous and gets only the status."""
+    response = await client.get("/healthz", headers={"Authorization": header})
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_healthz_503_tells_anonymous_callers_no_docker_version(client: TestClient, engine: FakeEngine) -> None:
+    """An unhealthy agent answers 503 with the reason, and never the details, to an anonymous caller."""
+    engine.healthy = (False, {"reason": "recovering the deployments of the previous run", "docker": "24.0.7"})
+    body = await envelope_of(await client.get("/healthz"), 503, "unavailable")
+    assert "recovering" in body["error"]["message"] and "24.0.7" not in json.dumps(body)
 
 
 async def test_healthz_is_503_when_docker_is_unreachable(client: TestClient, engine: FakeEngine) -> None:

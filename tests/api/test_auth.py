@@ -21,10 +21,11 @@ from agent.api.auth import (
     authorize,
     find_token,
     has_scope,
+    optional_token,
     required_scope,
     requires,
 )
-from agent.api.context import ENGINE, TOKEN_NAME
+from agent.api.context import ENGINE, TOKEN_NAME, TOKEN_SCOPES
 from agent.config import Config, TokenConfig, hash_token
 from agent.errors import Forbidden, Unauthorized
 
@@ -126,9 +127,15 @@ async def client() -> AsyncIterator[TestClient]:
     async def public(request: web.Request) -> web.Response:
         return web.json_response({"token": request.get(TOKEN_NAME)})
 
+    @requires(None)
+    async def optional(request: web.Request) -> web.Response:
+        token = optional_token(request)
+        scopes = sorted(request.get(TOKEN_SCOPES, ()))
+        return web.json_response({"token": token.name if token else None, "scopes": scopes})
+
     @requires(READ_SCOPE)
     async def read(request: web.Request) -> web.Response:
-        return web.json_response({"token": request[TOKEN_NAME]})
+        return web.json_response({"token": request[TOKEN_NAME], "scopes": sorted(request[TOKEN_SCOPES])})
 
     @requires(WRITE_SCOPE)
     async def write(request: web.Request) -> web.Response:
@@ -140,6 +147,7 @@ async def client() -> AsyncIterator[TestClient]:
     app = web.Application(middlewares=[error_middleware, auth_middleware])
     app[ENGINE] = SimpleNamespace(config=Config(tokens=TOKENS))  # type: ignore[assignment]
     app.router.add_get("/public", public)
+    app.router.add_get("/optional", optional)
     app.router.add_get("/read", read)
     app.router.add_post("/write", write)
     app.router.add_get("/unmarked", unmarked)
@@ -161,7 +169,7 @@ async def test_public_route_needs_no_token(client: TestClient) -> None:
 async def test_middleware_attaches_the_token_name(client: TestClient) -> None:
     """The authenticated token's name (not its secret) is on the request for handlers and logs."""
     response = await client.get("/read", headers=bearer("reader-secret-0123456789"))
-    assert await response.json() == {"token": "reader"}
+    assert await response.json() == {"token": "reader", "scopes": [READ_SCOPE]}
     response = await client.post("/write", headers=bearer("admin-secret-0123456789"))
     assert await response.json() == {"token": "root"}
 
@@ -179,3 +187,13 @@ async def test_middleware_maps_failures_to_401_and_403(client: TestClient) -> No
     assert response.status == 403
     response = await client.get("/unmarked", headers=bearer("admin-secret-0123456789"))
     assert response.status == 200
+
+
+async def test_optional_token_on_a_public_route(client: TestClient) -> None:
+    """A public route may read the token: a valid one is known with its scopes, a bad or missing one is anonymous."""
+    response = await client.get("/optional", headers=bearer("admin-secret-0123456789"))
+    assert await response.json() == {"token": "root", "scopes": [ADMIN_SCOPE]}
+    for headers in ({}, bearer("wrong-secret"), {"Authorization": "Basic eDp5"}):
+        response = await client.get("/optional", headers=headers)
+        assert response.status == 200
+        assert await response.json() == {"token": None, "scopes": []}

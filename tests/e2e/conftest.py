@@ -40,6 +40,7 @@ class AgentProcess:
         releases: dict[str, Any] | None = None,
         extra_toml: str = "",
         security: dict[str, Any] | None = None,
+        docker: dict[str, Any] | None = None,
         **agent_settings: Any,
     ) -> None:
         self.state_dir = state_dir
@@ -54,7 +55,8 @@ class AgentProcess:
         settings = {"kill_grace_s": 2, "shutdown_grace_s": 5, "max_concurrent": 4, **agent_settings}
         lines = ["[agent]", f'listen = "127.0.0.1:{self.port}"', f'state_dir = "{state_dir}"']
         lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-        lines += ["", "[docker]", 'build_memory = "256m"', "build_cpus = 1.0", "build_pids = 256", ""]
+        docker_settings = {"build_memory": "256m", "build_cpus": 1.0, "build_pids": 256, **(docker or {})}
+        lines += ["", "[docker]"] + [f"{k} = {json.dumps(v)}" for k, v in docker_settings.items()] + [""]
         lines += ["[releases]"] + [f"{k} = {json.dumps(v)}" for k, v in {"drain_s": 1, **(releases or {})}.items()] + [""]
         for name, token, scopes in (
             ("admin", ADMIN_TOKEN, ["admin"]),
@@ -171,9 +173,11 @@ def _remove_leftovers(client: docker.DockerClient, agents: list[AgentProcess]) -
         logs_dir = agent.state_dir / "logs"
         if logs_dir.exists():
             ids.update(path.stem for path in logs_dir.glob("dep_*.log"))
-    for container in client.containers.list(all=True, filters={"label": "deploy-agent.deployment"}):
-        if container.labels.get("deploy-agent.deployment") in ids:
-            container.remove(force=True)
+    # sparse: no inspect per container, so one removed meanwhile (by a parallel test) is no error.
+    for container in client.containers.list(all=True, sparse=True, filters={"label": "deploy-agent.deployment"}):
+        if (container.attrs.get("Labels") or {}).get("deploy-agent.deployment") in ids:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                container.remove(force=True)
     remote_root = Path.home() / ".deploy-agent"
     dirs = [remote_root / kind / deployment_id for deployment_id in ids for kind in ("releases", "run", "workspaces")]
     for process in psutil.process_iter():

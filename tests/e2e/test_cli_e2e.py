@@ -27,11 +27,11 @@ def test_submit_follow_ls_show_logs_rm(agent: AgentProcess, source_dir: Path) ->
     """submit --follow prints the build's lines and exits 0; ls, show, logs and rm work on the result."""
     submitted = cli(
         agent.url, "submit", "--app", "clitest", "--image", "local/busybox", "--source-path", str(source_dir),
-        "--command", "cat index.html; echo KEY=$KEY", "--env", "KEY=from-cli", "--follow",
+        "--command", "cat index.html; echo KEY=$KEY", "--env", "KEY=viacli", "--follow",
     )
     assert submitted.returncode == 0, submitted.stderr
     assert "build stdout | <h1>hello from source</h1>" in submitted.stdout
-    assert "build stdout | KEY=from-cli" in submitted.stdout
+    assert "build stdout | KEY=viacli" in submitted.stdout
     deployment_id = re.search(r"dep_[0-9a-z]+", submitted.stdout + submitted.stderr).group(0)
 
     listed = cli(agent.url, "ls", "--app", "clitest")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -13,8 +14,9 @@ from tests.e2e.conftest import AgentProcess, build_request
 MIB = 1024 * 1024
 
 
-def test_100_mib_log_with_bounded_memory(agent: AgentProcess) -> None:
+def test_100_mib_log_with_bounded_memory(agent_factory: Callable[..., AgentProcess]) -> None:
     """The agent's RSS stays bounded while it writes and then serves a log of over 100 MiB."""
+    agent = agent_factory(max_log_bytes=200 * MIB)  # above the default cap of 100 MiB
     assert agent.process is not None
     process = psutil.Process(agent.process.pid)
     baseline = process.memory_info().rss

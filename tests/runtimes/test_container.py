@@ -15,7 +15,7 @@ from agent.config import DockerSettings
 from agent.errors import RuntimeFailure, Unavailable
 from agent.logs import DeploymentLog
 from agent.models import new_deployment_id
-from agent.runtimes.container import BuildJob, BuildResult, ContainerRuntime
+from agent.runtimes.container import KEPT_CAPABILITIES, BuildJob, BuildResult, ContainerRuntime
 from tests.conftest import containers_of
 
 MEMORY = 256 * 1024**2
@@ -24,6 +24,13 @@ CPUS = 1.0
 KILL_GRACE_S = 2.0
 # Agents started by other tests on the same engine clean up build containers of no instance only.
 INSTANCE = f"tests-{uuid.uuid4().hex[:12]}"
+# Bit numbers of the capabilities in /proc/<pid>/status (linux/capability.h).
+CAPABILITY_BITS = {
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
+    "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29,
+    "SETFCAP": 31,
+}
+KEPT_MASK = sum(1 << CAPABILITY_BITS[name] for name in KEPT_CAPABILITIES)
 
 
 class Starts:
@@ -409,6 +416,171 @@ async def test_image_exists(runtime: ContainerRuntime, base_image: str) -> None:
     """image_exists is true for a local image and false for a missing one."""
     assert await runtime.image_exists(base_image) is True
     assert await runtime.image_exists("local/no-such-image-for-tests:1") is False
+
+
+def status_fields(lines: list[str]) -> dict[str, str]:
+    """`Name: value` lines of /proc/self/status as a mapping."""
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+async def test_build_runs_without_new_privileges_and_with_the_kept_capabilities_only(
+    runtime: ContainerRuntime, make_job: Callable[..., BuildJob], log: DeploymentLog, docker_client: docker.DockerClient
+) -> None:
+    """The build container has no-new-privileges and cap_drop ALL plus the kept set; its process sees exactly that."""
+    job = make_job("grep -e '^Cap' -e '^NoNewPrivs' /proc/self/status; sleep 30")
+    task, starts = await start_build(runtime, job, log)
+    attrs = await asyncio.to_thread(docker_client.api.inspect_container, starts.calls[0][0])
+    await eventually(lambda: len(output_of(log, "stdout")) >= 6)
+    await runtime.stop_deployment(job.deployment_id, grace_s=0)
+    await asyncio.wait_for(task, timeout=10)
+    host = attrs["HostConfig"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["CapDrop"] == ["ALL"]
+    assert sorted(host["CapAdd"]) == sorted(KEPT_CAPABILITIES)
+    status = status_fields(output_of(log, "stdout"))
+    assert status["NoNewPrivs"] == "1"
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == KEPT_MASK
+    assert int(status["CapAmb"], 16) == 0
+    for dropped in ("NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE", "SETPCAP", "SETFCAP"):
+        assert not KEPT_MASK & (1 << CAPABILITY_BITS[dropped]), dropped
+
+
+async def test_ordinary_build_work_still_works_with_the_reduced_capabilities(
+    runtime: ContainerRuntime, make_job: Callable[..., BuildJob], log: DeploymentLog
+) -> None:
+    """Writing, chown, chmod, switching user and serving HTTP on 8080 work; mknod and chroot do not."""
+    script = """
+set -e
+echo data > /workspace/out.txt
+chown 1000:1000 /workspace/out.txt && chmod 640 /workspace/out.txt
+mkdir -p /tmp/other && chown 1234:1234 /tmp/other && chmod 700 /tmp/other && echo root-writes > /tmp/other/f
+echo 'app:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group
+su app -c 'id -u; cat /tmp/other/f 2>/dev/null || echo denied' | sed 's/^/app /'
+httpd -p 8080 -h /workspace
+for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://127.0.0.1:8080/out.txt && break; sleep 0.2; done | sed 's/^/served /'
+mknod /tmp/null c 1 3 2>/dev/null && echo mknod-allowed || echo mknod-refused
+chroot / true 2>/dev/null && echo chroot-allowed || echo chroot-refused
+ls -ln /workspace/out.txt | awk '{print "owner " $1 " " $3 ":" $4}'
+"""
+    result = await runtime.run_build(make_job(script), log, Starts())
+    assert result.exit_code == 0, log.path.read_text()
+    assert output_of(log, "stdout") == [
+        "app 1000",
+        "app denied",
+        "served data",
+        "mknod-refused",
+        "chroot-refused",
+        "owner -rw-r----- 1000:1000",
+    ]
+
+
+async def test_commit_holds_the_built_workspace_but_none_of_the_build_env(
+    runtime: ContainerRuntime,
+    make_job: Callable[..., BuildJob],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+    deployment_id: str,
+) -> None:
+    """The image's Env is the base image's exactly; it holds /workspace (owners kept) and nothing else of the build."""
+    reference = f"deploy-agent-test/web:{deployment_id}"
+    command = (
+        "echo $DB_PASSWORD > /dev/null; echo built > /workspace/out.txt; chown 1000:1000 /workspace/out.txt; "
+        "ln -s out.txt /workspace/link; echo outside > /etc/outside.txt"
+    )
+    job = make_job(command, env={"DB_PASSWORD": "s3cr3t-value", "OTHER": "x"}, commit_image=reference)
+    result = await runtime.run_build(job, log, Starts())
+    try:
+        assert result == BuildResult(exit_code=0, timed_out=False, image=reference), log.path.read_text()
+        image = docker_client.images.get(reference)
+        base = docker_client.images.get(job.image)
+        assert image.attrs["Config"]["Env"] == base.attrs["Config"]["Env"]
+        assert "s3cr3t-value" not in str(image.attrs) and "DB_PASSWORD" not in str(image.attrs)
+        assert image.attrs["Config"]["Cmd"] == base.attrs["Config"]["Cmd"]
+        assert image.labels["deploy-agent.role"] == "image"
+        script = (
+            "ls -ln /workspace/out.txt | awk '{print $3 \":\" $4}'; readlink /workspace/link; "
+            "cat /workspace/hello.txt; cat /etc/outside.txt 2>&1; env"
+        )
+        output = docker_client.containers.run(reference, ["sh", "-c", script], remove=True).decode()
+        lines = output.splitlines()
+        assert lines[:3] == ["1000:1000", "out.txt", "hello from the workspace"]
+        assert "No such file" in lines[3], "changes outside /workspace are not kept"
+        assert not any("DB_PASSWORD" in line or "OTHER=" in line for line in lines)
+        # Neither the build nor the snapshot container it was committed from is left.
+        assert containers_of(docker_client, job.deployment_id) == []
+    finally:
+        docker_client.images.remove(reference, force=True)
+
+
+async def test_a_build_that_removes_its_workspace_fails_to_commit_clearly(
+    runtime: ContainerRuntime, make_job: Callable[..., BuildJob], log: DeploymentLog, docker_client: docker.DockerClient
+) -> None:
+    """With no /workspace to keep the build fails saying so; no container or image is left."""
+    job = make_job("cd / && rm -rf /workspace", commit_image=f"deploy-agent-test/web:{job_tag()}")
+    with pytest.raises(RuntimeFailure, match="the build result could not be kept"):
+        await runtime.run_build(job, log, Starts())
+    assert containers_of(docker_client, job.deployment_id) == []
+    assert docker_client.images.list(filters={"label": f"deploy-agent.deployment={job.deployment_id}"}) == []
+
+
+async def test_stop_while_the_result_is_kept_ends_the_build_as_killed(
+    runtime: ContainerRuntime,
+    make_job: Callable[..., BuildJob],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    """stop_deployment while /workspace is copied into the snapshot removes both containers; run_build reports 137."""
+    workspace = tmp_path / "big"
+    workspace.mkdir()
+    job = make_job(
+        "dd if=/dev/zero of=/workspace/big bs=1M count=400 2>/dev/null",
+        workspace=workspace,
+        commit_image=f"deploy-agent-test/web:{job_tag()}",
+    )
+    task = asyncio.create_task(runtime.run_build(job, log, Starts()))
+
+    def snapshot_exists() -> bool:
+        return bool(_containers_with_role(docker_client, job.deployment_id, "snapshot"))
+
+    await eventually(snapshot_exists, timeout=60)
+    assert await runtime.stop_deployment(job.deployment_id, grace_s=0) >= 1
+    result = await asyncio.wait_for(task, timeout=30)
+    assert result == BuildResult(exit_code=137, timed_out=False, image=None)
+    assert any("stopped before its result was kept" in text for _, _, text in log_lines(log))
+    assert containers_of(docker_client, job.deployment_id) == []
+    assert docker_client.images.list(filters={"label": f"deploy-agent.deployment={job.deployment_id}"}) == []
+
+
+async def test_snapshot_containers_are_removed_by_the_build_sweeps(
+    runtime: ContainerRuntime, docker_client: docker.DockerClient, base_image: str
+) -> None:
+    """A snapshot container left by an interrupted commit goes with stop_deployment and remove_build_containers."""
+    first, second = new_deployment_id(), new_deployment_id()
+    by_stop = _labelled_container(docker_client, base_image, first, "snapshot")
+    by_sweep = _labelled_container(docker_client, base_image, second, "snapshot")
+    foreign = _labelled_container(docker_client, base_image, second, "snapshot", instance="another-agent")
+    try:
+        assert await runtime.stop_deployment(first, grace_s=0) == 1
+        assert await runtime.remove_build_containers(keep=lambda deployment_id: deployment_id == first) == [second]
+        remaining = {container.id for container in docker_client.containers.list(all=True)}
+        assert by_stop.id not in remaining and by_sweep.id not in remaining
+        assert foreign.id in remaining
+    finally:
+        for container in (by_stop, by_sweep, foreign):
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+
+def job_tag() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def _containers_with_role(client: docker.DockerClient, deployment_id: str, role: str) -> list:
+    labels = [f"deploy-agent.deployment={deployment_id}", f"deploy-agent.role={role}"]
+    return client.containers.list(all=True, filters={"label": labels})
 
 
 def _labelled_container(

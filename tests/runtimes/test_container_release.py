@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import docker
 import pytest
@@ -20,7 +20,7 @@ from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
 from agent.models import new_deployment_id
 from agent.runtimes.base import ReleaseHandle, ReleaseSpec, ReleaseState
-from agent.runtimes.container import BuildJob, ContainerRuntime, ReleaseContainer
+from agent.runtimes.container import KEPT_CAPABILITIES, BuildJob, ContainerRuntime, ReleaseContainer
 from tests.conftest import containers_of, log_entries
 
 # Agents started by other tests on the same engine must not take these containers for theirs.
@@ -39,7 +39,11 @@ async def _noop_on_start(_container_id: str, _pid: int) -> None:
 
 
 async def build_release_image(
-    runtime: ContainerRuntime, workspace: Path, log_path: Path, command: str = BUILD_COMMAND
+    runtime: ContainerRuntime,
+    workspace: Path,
+    log_path: Path,
+    command: str = BUILD_COMMAND,
+    env: Mapping[str, str] | None = None,
 ) -> str:
     """Builds a release image the way the engine does: run_build with commit_image."""
     reference = f"deploy-agent/{APPLICATION}:{new_deployment_id().lower()}"
@@ -48,7 +52,7 @@ async def build_release_image(
         application=APPLICATION,
         image="local/busybox",
         command=command,
-        env={},
+        env=env or {},
         timeout_s=60,
         workspace=workspace,
         commit_image=reference,
@@ -545,3 +549,126 @@ async def test_release_containers_are_listed_and_left_alone_by_build_cleanup(
         assert await other_agent.list_release_containers(spec.deployment_id) == []
     finally:
         await other_agent.close()
+
+
+# --- hardening, limits, bind addresses, secrets ----------------------------------------------------
+
+
+def status_fields(lines: list[str]) -> dict[str, str]:
+    """`Name: value` lines of /proc/self/status as a mapping."""
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+# Linux answers on all of 127/8: an address of this host that is not 127.0.0.1.
+OTHER_ADDRESS = "127.0.0.2"
+
+
+async def test_release_runs_without_new_privileges_with_the_kept_capabilities_and_default_limits(
+    runtime: ContainerRuntime,
+    make_spec: Callable[..., ReleaseSpec],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+) -> None:
+    """no-new-privileges, cap_drop ALL plus the kept set, and the [docker] release_* limits when the spec sets none."""
+    command = f"grep -e '^CapEff' -e '^NoNewPrivs' /proc/self/status; exec {' '.join(HTTPD)}"
+    handle = await runtime.start_release(make_spec(command=command), log)
+    await serves_index(handle)
+    host = (await asyncio.to_thread(docker_client.api.inspect_container, handle.container_id))["HostConfig"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["CapDrop"] == ["ALL"] and sorted(host["CapAdd"]) == sorted(KEPT_CAPABILITIES)
+    defaults = DockerSettings()
+    assert host["Memory"] == defaults.release_memory_bytes
+    assert host["NanoCpus"] == int(defaults.release_cpus * 1e9)
+    assert host["PidsLimit"] == defaults.release_pids
+    await eventually(in_thread(lambda: len(release_output(log.path, "stdout")) >= 2), what="the status lines")
+    status = status_fields(release_output(log.path, "stdout"))
+    assert status["NoNewPrivs"] == "1"
+    # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID NET_BIND_SERVICE: bits 0 1 3 4 5 6 7 10.
+    assert int(status["CapEff"], 16) == 0x4FB and len(KEPT_CAPABILITIES) == 8
+
+
+async def test_release_limits_from_the_spec_are_applied_and_enforced(
+    runtime: ContainerRuntime,
+    make_spec: Callable[..., ReleaseSpec],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+) -> None:
+    """run.memory, run.cpus and run.pids reach the container; beyond the PID limit a fork fails."""
+    command = "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned; exec sleep 30"
+    spec = make_spec(command=command, ports=(), memory=64 * 1024**2, cpus=0.5, pids=16)
+    handle = await runtime.start_release(spec, log)
+    host = (await asyncio.to_thread(docker_client.api.inspect_container, handle.container_id))["HostConfig"]
+    assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (64 * 1024**2, 500_000_000, 16)
+    await eventually(
+        in_thread(lambda: any("fork" in line for line in release_output(log.path, "stderr"))), what="a refused fork"
+    )
+
+
+async def test_release_is_published_on_exactly_the_bound_address(
+    runtime: ContainerRuntime,
+    make_spec: Callable[..., ReleaseSpec],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+) -> None:
+    """run.bind publishes run.port there only, the handle's host is the address Docker bound; other ports on loopback."""
+    address = OTHER_ADDRESS
+    handle = await runtime.start_release(make_spec(bind=address, ports=(8080, 9090)), log)
+    assert handle.host == address
+    attrs = await asyncio.to_thread(docker_client.api.inspect_container, handle.container_id)
+    published = attrs["NetworkSettings"]["Ports"]
+    assert [binding["HostIp"] for binding in published["8080/tcp"]] == [address]
+    assert [binding["HostIp"] for binding in published["9090/tcp"]] == ["127.0.0.1"]
+    await serves_index(handle)
+    assert await asyncio.to_thread(http_get, f"http://127.0.0.1:{handle.ports[8080]}/index.html") is None
+    await asyncio.to_thread(docker_client.api.restart, handle.container_id, timeout=1)
+    refreshed = await runtime.refresh_release(handle)
+    assert refreshed is not None and refreshed.host == address and list(refreshed.ports) == [8080, 9090]
+    await serves_index(refreshed)
+
+
+async def test_release_bound_on_every_interface_is_reached_on_loopback(
+    runtime: ContainerRuntime,
+    make_spec: Callable[..., ReleaseSpec],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+) -> None:
+    """bind 0.0.0.0 publishes on every interface (as Docker reports) and the handle reaches it on 127.0.0.1."""
+    handle = await runtime.start_release(make_spec(bind="0.0.0.0"), log)
+    attrs = await asyncio.to_thread(docker_client.api.inspect_container, handle.container_id)
+    assert attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostIp"] == "0.0.0.0"
+    assert handle.host == "127.0.0.1"
+    await serves_index(handle)
+    answer = await asyncio.to_thread(http_get, f"http://{OTHER_ADDRESS}:{handle.ports[8080]}/index.html")
+    assert answer == (200, INDEX_HTML + "\n")
+
+
+async def test_release_of_a_build_with_secrets_sees_only_its_run_env(
+    runtime: ContainerRuntime,
+    make_spec: Callable[..., ReleaseSpec],
+    log: DeploymentLog,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    """build.env is in neither the release image nor the release container (inspect and exec); run.env is."""
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    image = await build_release_image(
+        runtime, workspace, tmp_path / "build.log", env={"DB_PASSWORD": "s3cr3t-value", "BUILD_ONLY": "1"}
+    )
+    try:
+        image_env = (await asyncio.to_thread(docker_client.api.inspect_image, image))["Config"]["Env"]
+        base_env = (await asyncio.to_thread(docker_client.api.inspect_image, "local/busybox"))["Config"]["Env"]
+        assert image_env == base_env
+        handle = await runtime.start_release(make_spec(image=image, env={"GREETING": "hello"}), log)
+        attrs = await asyncio.to_thread(docker_client.api.inspect_container, handle.container_id)
+        env = attrs["Config"]["Env"]
+        assert "GREETING=hello" in env
+        assert not any(entry.startswith(("DB_PASSWORD=", "BUILD_ONLY=")) for entry in env)
+        container = docker_client.containers.get(handle.container_id)
+        exit_code, output = await asyncio.to_thread(container.exec_run, ["env"])
+        assert exit_code == 0
+        seen = output.decode()
+        assert "GREETING=hello" in seen and "DB_PASSWORD" not in seen and "s3cr3t-value" not in seen
+        await runtime.remove_release(handle, grace_s=0)
+    finally:
+        docker_client.images.remove(image, force=True)

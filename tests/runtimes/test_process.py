@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from agent.errors import RuntimeFailure
-from agent.logs import DeploymentLog
+from agent.logs import DeploymentLog, LogPolicy
 from agent.models import new_deployment_id
 from agent.runtimes.base import ReleaseHandle, ReleaseSpec
 from agent.runtimes.process import ProcessRuntime
@@ -64,6 +64,11 @@ class Releases:
         self.workdir = root / "workdir"
         self.workdir.mkdir()
         self.log = DeploymentLog(self.log_path)
+
+    def use_policy(self, policy: LogPolicy) -> None:
+        """Releases started from now on write their log under `policy`, as the engine's would."""
+        self.log.close()
+        self.log = DeploymentLog(self.log_path, policy)
 
     def spec(self, command: tuple[str, ...] | str, ports: tuple[int, ...] = (), **env: str) -> ReleaseSpec:
         return ReleaseSpec(
@@ -407,3 +412,39 @@ async def test_environment_is_filtered_to_path_lang_port_and_the_spec(releases: 
     assert f"PORT={free_port}" in env_lines
     assert not any(name.startswith("DEPLOY_AGENT") or name.startswith("PYTHON") for name in names)
     assert handle.pid is not None
+
+
+async def test_the_supervisor_masks_secrets_it_gets_on_stdin(runtime: ProcessRuntime, releases: Releases) -> None:
+    """The release's output shows *** for each secret of the log's policy; no argument of the supervisor holds one."""
+    secret = "s3cr3t-token-value-42"
+    releases.use_policy(LogPolicy(secrets=(secret,)))
+    handle = await releases.start('echo "token=$TOKEN"; echo "$TOKEN" >&2; exec sleep 60', TOKEN=secret)
+
+    async def masked() -> bool:
+        lines = releases.log_lines()
+        return ("release", "stdout", "token=***") in lines and ("release", "stderr", "***") in lines
+
+    await eventually(masked, "the masked output lines")
+    assert secret not in releases.log_path.read_text(encoding="utf-8")
+    assert handle.process_group is not None
+    supervisor = psutil.Process(handle.process_group)
+    assert not any(secret in argument for argument in supervisor.cmdline())
+    assert not any(secret in value for value in supervisor.environ().values())
+
+
+async def test_the_supervisor_caps_the_log_and_notes_what_it_dropped(
+    runtime: ProcessRuntime, releases: Releases
+) -> None:
+    """Past --max-log-bytes the supervisor only counts; it notes the count once, when the command has ended."""
+    cap = 4096
+    releases.use_policy(LogPolicy(max_bytes=cap))
+    handle = await releases.start("i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i + 1)); done")
+
+    async def noted() -> str | None:
+        lines = releases.log_path.read_text(encoding="utf-8").splitlines()
+        return lines[-1] if lines and "bytes of output dropped" in lines[-1] else None
+
+    note = await eventually(noted, "the dropped-bytes line")
+    assert f"agent.max_log_bytes ({cap} bytes)" in note
+    assert len(releases.log_path.read_bytes()) - len(note) - 1 <= cap
+    assert (await runtime.release_state(handle)).exit_code == 0
