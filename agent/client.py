@@ -9,13 +9,21 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict, Unpack
 from urllib.parse import quote, urlencode, urlsplit
 
 from agent import __version__
 
 DEFAULT_URL = "http://127.0.0.1:8420"
 _CHUNK_SIZE = 64 * 1024
+
+
+class _RequestOptions(TypedDict, total=False):
+    """What a request may carry besides its method and path (see `AgentClient._open`)."""
+
+    query: dict[str, Any] | None
+    body: Any
+    headers: dict[str, str] | None
 
 
 class ClientError(Exception):
@@ -161,16 +169,8 @@ class AgentClient:
 
     # --- transport -------------------------------------------------------------------------
 
-    def _json(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: dict[str, Any] | None = None,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        status, payload = self._call(method, path, query=query, body=body, headers=headers)
+    def _json(self, method: str, path: str, **options: Unpack[_RequestOptions]) -> dict[str, Any]:
+        status, payload = self._call(method, path, **options)
         try:
             data = json.loads(payload)
         except ValueError:
@@ -179,16 +179,8 @@ class AgentClient:
             raise ClientError(status, "bad_response", f"the agent at {self.url} answered with JSON that is not an object")
         return data
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: dict[str, Any] | None = None,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, bytes]:
-        connection, response = self._open(method, path, query=query, body=body, headers=headers)
+    def _call(self, method: str, path: str, **options: Unpack[_RequestOptions]) -> tuple[int, bytes]:
+        connection, response = self._open(method, path, **options)
         try:
             payload = self._read(response)
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import os
 import resource
 import secrets
@@ -13,22 +12,24 @@ import signal
 import stat
 import sys
 import tomllib
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from agent import __version__
+from agent import __version__, systemd
+from agent.api import create_app
+from agent.api.server import GuardedAppRunner, bound_address
 from agent.config import Config, TokenConfig, hash_token
 from agent.engine import Engine
-from agent.errors import AgentError, BadRequest, Unavailable
 from agent.metrics import Metrics
+from agent.releases import ReleaseManager
 from agent.runtimes.container import ContainerRuntime
+from agent.runtimes.process import ProcessRuntime
+from agent.servers import Servers
+from agent.ssh import SshConnections
 from agent.store import Store
-from agent import systemd
+from agent.targets.resolver import Targets
 
 logger = structlog.get_logger("agent.daemon")
 
@@ -38,13 +39,15 @@ SWITCH_INTERVAL_S = 0.001
 PRIVATE_UMASK = 0o077
 # File descriptors beyond the client connections: store, logs, Docker and SSH connections, pipes.
 SPARE_DESCRIPTORS = 512
-# A refused connection drains its input this long before it closes, at most this many at once.
-REFUSAL_LINGER_S = 0.5
-MAX_LINGERING_REFUSALS = 64
 
 
 class Daemon:
-    """Owns the store, runtime, engine and HTTP server; `handle_signals=False` lets tests embed it."""
+    """Makes, wires and closes the agent's parts; `handle_signals=False` lets tests embed it.
+
+    It owns the store, the SSH connections, this host's runtimes, the targets, the release
+    manager, the engine and the HTTP server: each is opened in `startup` and closed in
+    `shutdown`, in the reverse order.
+    """
 
     def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
         self.config = config
@@ -53,7 +56,10 @@ class Daemon:
         self.force_exit = False
         self.engine: Engine | None = None
         self._store: Store | None = None
-        self._runtime: ContainerRuntime | None = None
+        self._ssh: SshConnections | None = None
+        self._containers: ContainerRuntime | None = None
+        self._targets: Targets | None = None
+        self._releases: ReleaseManager | None = None
         self._runner: web.AppRunner | None = None
         self._previous_umask: int | None = None
         self.bound_address: str | None = None
@@ -79,16 +85,8 @@ class Daemon:
         self.config = config = ensure_token(config)
         self._store = Store(config.database_path)
         await self._store.open()
-        self._runtime = ContainerRuntime(
-            config.docker,
-            max_streams=config.agent.max_concurrent,
-            kill_grace_s=config.agent.kill_grace_s,
-            instance=instance_label(config),
-        )
-        self.engine = Engine(config, self._store, self._runtime, Metrics(), instance=instance_label(config))
+        self.engine = self._wire(config, self._store)
         await self.engine.start()
-
-        from agent.api.app import create_app  # the api depends on the engine, never the other way
 
         app = create_app(self.engine)
         self._runner = GuardedAppRunner(
@@ -111,7 +109,7 @@ class Daemon:
         else:
             site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
         await site.start()
-        self.bound_address = _bound_address(self._runner, listen.unix_path)
+        self.bound_address = bound_address(self._runner, listen.unix_path)
         if listen.unix_path:
             os.chmod(listen.unix_path, 0o660)
         if self.handle_signals:
@@ -120,6 +118,20 @@ class Daemon:
         logger.info(
             "agent started", version=__version__, listen=self.bound_address, state_dir=str(config.agent.state_dir)
         )
+
+    def _wire(self, config: Config, store: Store) -> Engine:
+        """Makes the parts the engine works with; each reads the settings it needs here, once."""
+        instance = instance_label(config)
+        kill_grace_s = config.agent.kill_grace_s
+        self._ssh = SshConnections(config.servers)
+        self._containers = ContainerRuntime(
+            config.docker, max_streams=config.agent.max_concurrent, kill_grace_s=kill_grace_s, instance=instance
+        )
+        processes = ProcessRuntime(config.run_dir, kill_grace_s=kill_grace_s)
+        self._targets = Targets(config, self._ssh, self._containers, processes, instance=instance)
+        self._releases = ReleaseManager(config, store, self._targets)
+        servers = Servers(config, self._ssh)
+        return Engine(config, store, self._targets, self._releases, servers, Metrics())
 
     async def main_loop(self) -> None:
         await self.should_exit.wait()
@@ -132,12 +144,16 @@ class Daemon:
             self.engine.accepting = False
             grace = 0.0 if self.force_exit else self.config.agent.shutdown_grace_s
             counts = await self.engine.shutdown(grace)
+        if self._releases is not None:
+            await self._releases.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.engine is not None:
-            await self.engine.servers.close()
-        if self._runtime is not None:
-            await self._runtime.close()
+        if self._targets is not None:
+            await self._targets.close()
+        if self._ssh is not None:
+            await self._ssh.close()
+        if self._containers is not None:
+            await self._containers.close()
         if self._store is not None:
             await self._store.close()
         if self._previous_umask is not None:
@@ -268,171 +284,6 @@ def instance_label(config: Config) -> str:
     """Names this agent's containers, so that agents sharing one Docker engine never touch each other's."""
     resolved = str(config.agent.state_dir.resolve())
     return hashlib.sha256(resolved.encode("utf-8")).hexdigest()[:16]
-
-
-# --- the HTTP server: connection cap, protocol errors -----------------------------------------
-
-
-class GuardedAppRunner(web.AppRunner):
-    """An AppRunner whose server caps open connections and answers protocol errors with the envelope."""
-
-    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.max_connections = max_connections
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()  # starts the application, as AppRunner does
-        return GuardedServer(server, self.max_connections)
-
-
-class GuardedServer(web.Server):
-    """aiohttp's low-level server with at most `max_connections` client connections open.
-
-    At the cap a new connection closes the oldest idle one (no request in progress: a socket
-    that sent nothing, or a keep-alive between requests), so idle sockets can never lock
-    out a health check; only when every connection is busy is the new one refused with 503.
-    """
-
-    def __init__(self, app_server: web.Server, max_connections: int) -> None:
-        # The application's handler and factory, and the handler options it was made with.
-        super().__init__(
-            app_server.request_handler,
-            request_factory=app_server.request_factory,
-            handler_cancellation=app_server.handler_cancellation,
-            **app_server._kwargs,
-        )
-        self.max_connections = max_connections
-        self._open: dict[RequestHandler, None] = {}  # oldest first
-        self._busy: set[RequestHandler] = set()
-        self._refused: set[RequestHandler] = set()  # answered 503, draining their input
-        self.request_handler = self._track_busy(app_server.request_handler)
-
-    def _track_busy(self, handle: Any) -> Any:
-        async def handle_tracked(request: web.BaseRequest) -> web.StreamResponse:
-            protocol = request.protocol
-            self._busy.add(protocol)
-            try:
-                return await handle(request)
-            finally:
-                self._busy.discard(protocol)
-
-        return handle_tracked
-
-    def __call__(self) -> RequestHandler:
-        return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        if len(self._open) >= self.max_connections and not self._close_oldest_idle():
-            self._refuse(handler, transport)
-            return
-        self._open[handler] = None
-        super().connection_made(handler, transport)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        self._open.pop(handler, None)
-        self._busy.discard(handler)
-        self._refused.discard(handler)
-        super().connection_lost(handler, exc)
-
-    def _refuse(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        """Answers 503 and closes; the connection never counts against the cap."""
-        logger.warning("connection refused: every connection is busy", max_connections=self.max_connections)
-        transport.write(_REFUSED_RESPONSE)
-        if len(self._refused) >= MAX_LINGERING_REFUSALS or not transport.can_write_eof():
-            handler.force_close()
-            return
-        # Closing with the client's request unread would reset the connection and lose the 503:
-        # stop parsing, send FIN, and drain the input for a moment before closing.
-        handler.close()
-        transport.write_eof()
-        self._refused.add(handler)
-        self._loop.call_later(REFUSAL_LINGER_S, handler.force_close)
-
-    def _close_oldest_idle(self) -> bool:
-        for handler in self._open:
-            if handler not in self._busy:
-                del self._open[handler]
-                handler.force_close()
-                logger.debug("closed the oldest idle connection", max_connections=self.max_connections)
-                return True
-        return False
-
-
-class EnvelopeRequestHandler(RequestHandler):
-    """aiohttp's connection protocol, with the contract's envelope for errors it answers itself.
-
-    These are requests the application never sees: a bad request line, an unknown method,
-    an oversized header line, too many headers (aiohttp's parser answers all of them 400).
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        error = _protocol_error(status, exc, message)
-        if status >= 500:
-            logger.error("http request failed", status=status, error=error.message, exc_info=exc)
-        else:
-            logger.info("malformed http request", status=status, error=error.message, peer=request.remote)
-        if request.writer.output_size > 0:
-            raise ConnectionError("the response is already partly sent; no error response can follow")
-        response = web.json_response(error.to_envelope(), status=error.status)
-        response.force_close()
-        return response
-
-
-def _protocol_error(status: int, exc: BaseException | None, message: str | None) -> AgentError:
-    if status == 400:
-        # llhttp's reasons carry the offending bytes and a caret on further lines.
-        reason = str(getattr(exc, "message", None) or message or "").strip()
-        first_line = reason.splitlines()[0].rstrip(": ") if reason else "cannot parse it"
-        # An oversized line is quoted back in the reason: the size is enough.
-        first_line = first_line.split(": b'", 1)[0].split(': b"', 1)[0]
-        return BadRequest(f"malformed HTTP request: {first_line}")
-    if status == 500:
-        return AgentError("internal error; the agent's log has the details")
-    return _status_error(status)
-
-
-def _status_error(status: int) -> AgentError:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "HTTP error"
-    error = AgentError(phrase)
-    error.status = status
-    error.error_type = phrase.lower().replace(" ", "_").replace("-", "_")
-    return error
-
-
-def _refusal() -> bytes:
-    envelope = Unavailable("too many open connections; retry shortly").to_envelope()
-    body = json.dumps(envelope).encode("utf-8")
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Retry-After: 1\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-_REFUSED_RESPONSE = _refusal()
-
-
-def _bound_address(runner: web.AppRunner, unix_path: str | None) -> str:
-    if unix_path:
-        return f"unix:{unix_path}"
-    for server in runner.sites:
-        sockets = getattr(getattr(server, "_server", None), "sockets", None) or []
-        for sock in sockets:
-            host, port = sock.getsockname()[:2]
-            return f"http://{host}:{port}"
-    return ""
 
 
 def serve(config: Config) -> int:

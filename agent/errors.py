@@ -1,8 +1,67 @@
-"""The agent's error hierarchy; each error maps to exactly one HTTP status and type."""
+"""The agent's error hierarchy; each error maps to exactly one HTTP status and `error.type`.
+
+Requests fail with an `AgentError` (its status and type are the envelope's). A deployment
+fails with one too: a `DeploymentFailure` (its build or release went wrong) also carries
+the exit code and smoke test its status reports; any other AgentError reports its type and
+message alone. Stopping a deployment (kill, shutdown) is control flow, not an error:
+`StopRequested` stays outside the hierarchy.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Literal
+
+ErrorType = Literal[
+    # Requests
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_failed",
+    "queue_full",
+    "too_many_followers",
+    "unavailable",
+    "internal_error",
+    "config_error",
+    # Deployments
+    "build_failed",
+    "timeout",
+    "release_exited",
+    "health_check_failed",
+    "runtime_failure",
+    "cancelled",
+    "agent_shutdown",
+    "agent_restarted",
+    # Servers (agent.ssh)
+    "server_unreachable",
+    "host_key_rejected",
+    "ssh_auth_failed",
+    "remote_command_failed",
+    # Answered by aiohttp itself (HttpStatusError): the status's own name
+    "request_timeout",
+    "length_required",
+    "request_entity_too_large",
+    "request_uri_too_long",
+    "expectation_failed",
+    "request_header_fields_too_large",
+    "internal_server_error",
+    "not_implemented",
+    "service_unavailable",
+    "gateway_timeout",
+    "http_version_not_supported",
+    "http_error",
+]
+"""Every `error.type` the agent reports, in envelopes and in a deployment's `error`."""
+
+
+def error_object(error_type: ErrorType, message: str) -> dict[str, str]:
+    """A deployment's `error` field."""
+    return {"type": error_type, "message": message}
 
 
 class AgentError(Exception):
@@ -12,7 +71,7 @@ class AgentError(Exception):
     """
 
     status: int = 500
-    error_type: str = "internal_error"
+    error_type: ErrorType = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -31,6 +90,10 @@ class AgentError(Exception):
                 "details": self.details,
             },
         }
+
+    def failure_fields(self) -> dict[str, Any]:
+        """The fields of a deployment this error failed."""
+        return {"error": error_object(self.error_type, self.message)}
 
 
 class BadRequest(AgentError):
@@ -90,6 +153,29 @@ class Unavailable(AgentError):
     status, error_type = 503, "unavailable"
 
 
+# The statuses aiohttp may answer with by itself, named after their HTTP phrase; any other is "http_error".
+_HTTP_ERROR_TYPES: dict[int, ErrorType] = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    408: "request_timeout", 409: "conflict", 411: "length_required", 413: "request_entity_too_large",
+    414: "request_uri_too_long", 415: "unsupported_media_type", 417: "expectation_failed",
+    431: "request_header_fields_too_large", 500: "internal_server_error", 501: "not_implemented",
+    503: "service_unavailable", 504: "gateway_timeout", 505: "http_version_not_supported",
+}
+
+
+class HttpStatusError(AgentError):
+    """A failure aiohttp or its parser answered itself, typed by its HTTP status."""
+
+    def __init__(self, status: int, message: str | None = None) -> None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "HTTP error"
+        super().__init__(message or phrase)
+        self.status = status
+        self.error_type = _HTTP_ERROR_TYPES.get(status, "http_error")
+
+
 class ConfigError(AgentError):
     """An invalid config file; `problems` holds one line per bad key."""
 
@@ -101,10 +187,71 @@ class ConfigError(AgentError):
 
 
 class RuntimeFailure(AgentError):
-    """A build or release command that ended badly."""
+    """A runtime operation that ended badly (a command, a container, a transfer)."""
 
     error_type = "runtime_failure"
 
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# --- why a deployment failed -------------------------------------------------------------------
+
+
+class DeploymentFailure(AgentError):
+    """A deployment's build or release went wrong; its status also reports the exit code and smoke test."""
+
+    def __init__(
+        self, message: str, *, exit_code: int | None = None, smoke_test: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.smoke_test = smoke_test
+
+    def failure_fields(self) -> dict[str, Any]:
+        return {**super().failure_fields(), "exit_code": self.exit_code, "smoke_test": self.smoke_test}
+
+
+class BuildFailed(DeploymentFailure):
+    """The build command exited with a code other than 0."""
+
+    error_type = "build_failed"
+
+
+class BuildTimedOut(DeploymentFailure):
+    """The build ran past its timeout and was killed."""
+
+    error_type = "timeout"
+
+
+class ReleaseUnhealthy(DeploymentFailure):
+    """The new release ran but did not pass its health check; `smoke_test` says how."""
+
+    error_type = "health_check_failed"
+    died = False  # it exited or restarted, rather than running without answering
+
+    def with_message(self, message: str) -> "ReleaseUnhealthy":
+        """The same failure, told differently (with the release's last output, masked)."""
+        return type(self)(message, exit_code=self.exit_code, smoke_test=self.smoke_test)
+
+
+class ReleaseExited(ReleaseUnhealthy):
+    """The new release exited, or crashed and was restarted, before it was found healthy."""
+
+    error_type = "release_exited"
+    died = True
+
+
+def as_agent_error(exc: Exception) -> AgentError:
+    """`exc` when the agent raised it on purpose; any other exception as an internal error naming it."""
+    if isinstance(exc, AgentError):
+        return exc
+    return AgentError(f"internal error: {exc}")
+
+
+# --- control flow, not errors ------------------------------------------------------------------
+
+
+class StopRequested(Exception):
+    """The deployment was asked to stop (kill or shutdown) and its work has ended or is ending."""

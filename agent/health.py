@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
+from agent.errors import ReleaseExited, ReleaseUnhealthy
 from agent.logs import DeploymentLog
 from agent.models import HealthCheckSpec, utc_now
 from agent.runtimes.base import ReleaseState
@@ -33,26 +34,16 @@ class HealthTarget:
     port: int
 
 
-class ReleaseUnhealthy(Exception):
-    """The release failed its check; `smoke_test` says how, `exit_code` is set when it died."""
-
-    def __init__(
-        self, message: str, smoke_test: dict[str, Any] | None, exit_code: int | None = None, *, died: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.smoke_test = smoke_test
-        self.exit_code = exit_code
-        self.died = died  # it exited or restarted, rather than running without answering
-
-
 StateProbe = Callable[[], Awaitable[ReleaseState]]
 
 
 async def check_release(
     spec: HealthCheckSpec | None, target: HealthTarget | None, state: StateProbe, log: DeploymentLog
 ) -> dict[str, Any] | None:
-    """Runs the check; returns the smoke_test (None without a check) or raises ReleaseUnhealthy."""
+    """Runs the check; returns the smoke_test (None without a check) or raises ReleaseUnhealthy.
+
+    ReleaseExited (a ReleaseUnhealthy) when the release died or restarted meanwhile.
+    """
     if spec is None or target is None:
         initial = await state()
         await _stay_up(state, initial, UNCHECKED_STABLE_S, log, None)
@@ -88,7 +79,7 @@ async def check_release(
                 await _sleep_alive(state, initial, spec.interval_s, log, smoke_test)
     if not passed:
         message = f"health check of {url} failed {spec.retries} times; last: {errors[-1] if errors else 'no answer'}"
-        raise ReleaseUnhealthy(message, smoke_test(False))
+        raise ReleaseUnhealthy(message, smoke_test=smoke_test(False))
     if spec.stable_s:
         log.agent(STAGE, f"passed; the release must now stay up for {spec.stable_s:g}s")
         await _stay_up(state, initial, spec.stable_s, log, smoke_test)
@@ -138,7 +129,7 @@ async def _raise_if_dead(
     else:
         message = f"the release exited with code {current.exit_code}"
     log.agent(STAGE, message)
-    raise ReleaseUnhealthy(message, smoke_test(False) if smoke_test else None, current.exit_code, died=True)
+    raise ReleaseExited(message, exit_code=current.exit_code, smoke_test=smoke_test(False) if smoke_test else None)
 
 
 async def _sleep_alive(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Mapping as MappingABC
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, Field, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from types import UnionType
+from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from agent.errors import Conflict, NotFound, QueueFull
 from agent.models import (
@@ -30,33 +32,40 @@ from agent.models import (
 
 T = TypeVar("T")
 
-SCHEMA = """
+
+def _stored_as(hint: Any) -> tuple[str, bool]:
+    """How a field of this type is stored: its SQLite type, and whether it is JSON text (a mapping)."""
+    optional = get_origin(hint) in (Union, UnionType)
+    kinds = [arg for arg in get_args(hint) if arg is not type(None)] if optional else [hint]
+    if get_origin(kinds[0]) in (MappingABC, dict):
+        return "TEXT", True
+    return {int: "INTEGER", float: "REAL"}.get(kinds[0], "TEXT"), False
+
+
+# The deployment's columns are its fields, stored as their types say (the spec as JSON of its
+# dict); `seq` is SQLite's row order and the list cursor.
+FIELDS = tuple(item for item in fields(Deployment) if item.name != "seq")
+_STORED_AS = {name: _stored_as(hint) for name, hint in get_type_hints(Deployment).items()}
+JSON_COLUMNS = frozenset(item.name for item in FIELDS if _STORED_AS[item.name][1])
+# Set by the store itself (identity, status and its times); every other field may be updated.
+MANAGED = frozenset({"id", "application", "server", "status", "created_at", "updated_at", "started_at", "finished_at",
+                     "log_path", "spec"})
+UPDATABLE = frozenset(item.name for item in FIELDS) - MANAGED
+
+
+def _column_definition(item: Field[Any]) -> str:
+    required = item.default is MISSING and item.default_factory is MISSING
+    unique = " UNIQUE" if item.name == "id" else ""
+    return f"{item.name} {_STORED_AS[item.name][0]}{' NOT NULL' if required else ''}{unique}"
+
+
+_COLUMNS = ",\n    ".join(_column_definition(item) for item in FIELDS)
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS deployments (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    id              TEXT NOT NULL UNIQUE,
-    application     TEXT NOT NULL,
-    server          TEXT NOT NULL,
-    status          TEXT NOT NULL,
-    created_at      TEXT NOT NULL,
-    updated_at      TEXT NOT NULL,
-    started_at      TEXT,
-    finished_at     TEXT,
-    pid             INTEGER,
-    pid_started_at  REAL,
-    container_id    TEXT,
-    exit_code       INTEGER,
-    url             TEXT,
-    smoke_test      TEXT,
-    rollback_of     TEXT,
-    error           TEXT,
-    stage           TEXT,
-    log_path        TEXT NOT NULL,
-    spec            TEXT NOT NULL,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    {_COLUMNS},
     idempotency_key TEXT UNIQUE,
-    request_hash    TEXT,
-    release         TEXT,
-    release_image   TEXT,
-    release_from    TEXT
+    request_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_status ON deployments (status, seq);
 CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, seq);
@@ -69,18 +78,10 @@ CREATE TABLE IF NOT EXISTS applications (
     updated_at      TEXT NOT NULL
 );
 """
-
-# Columns added after the first release; databases created before get them on open.
-ADDED_COLUMNS = {"release": "TEXT", "release_image": "TEXT", "release_from": "TEXT"}
-
-# Columns other than status that callers may set; JSON ones are encoded on the way in.
-UPDATABLE = frozenset(
-    {
-        "pid", "pid_started_at", "container_id", "exit_code", "url", "smoke_test", "error", "stage", "rollback_of",
-        "release", "release_image", "release_from",
-    }
+_INSERT = (
+    f"INSERT INTO deployments ({', '.join(item.name for item in FIELDS)}, idempotency_key, request_hash) "
+    f"VALUES ({', '.join('?' for _ in FIELDS)}, ?, ?)"
 )
-JSON_COLUMNS = frozenset({"smoke_test", "error", "release"})
 
 
 class Store:
@@ -176,10 +177,11 @@ class Store:
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=5000")
         connection.executescript(SCHEMA)
+        # A database written before a field existed gets its column (nullable: old rows have none).
         present = {row["name"] for row in connection.execute("PRAGMA table_info(deployments)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in present:
-                connection.execute(f"ALTER TABLE deployments ADD COLUMN {column} {kind}")
+        for item in FIELDS:
+            if item.name not in present:
+                connection.execute(f"ALTER TABLE deployments ADD COLUMN {item.name} {_STORED_AS[item.name][0]}")
         self._connection = connection
 
     def _insert(
@@ -210,27 +212,8 @@ class Store:
                 if queued >= max_queued:
                     db.execute("ROLLBACK")
                     raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
-            cursor = db.execute(
-                """INSERT INTO deployments (id, application, server, status, created_at, updated_at, log_path,
-                                            spec, rollback_of, idempotency_key, request_hash, release_image,
-                                            release_from)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    deployment.id,
-                    deployment.application,
-                    deployment.server,
-                    deployment.status,
-                    deployment.created_at,
-                    deployment.updated_at,
-                    deployment.log_path,
-                    json.dumps(deployment.spec.to_dict()),
-                    deployment.rollback_of,
-                    idempotency_key,
-                    request_hash,
-                    deployment.release_image,
-                    deployment.release_from,
-                ),
-            )
+            values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
+            cursor = db.execute(_INSERT, (*values, idempotency_key, request_hash))
             db.execute("COMMIT")
         except sqlite3.Error:
             db.execute("ROLLBACK")
@@ -306,7 +289,7 @@ class Store:
 
     def _write(self, deployment_id: str, values: dict[str, Any]) -> None:
         columns = ", ".join(f"{name} = ?" for name in values)
-        params = [json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in values.items()]
+        params = [_encode(name, value) for name, value in values.items()]
         self._db.execute(f"UPDATE deployments SET {columns} WHERE id = ?", (*params, deployment_id))
 
     def _delete(self, deployment_id: str) -> Deployment:
@@ -379,29 +362,20 @@ class Application:
     updated_at: str
 
 
+def _encode(name: str, value: Any) -> Any:
+    if name == "spec":
+        return json.dumps(value.to_dict())
+    return json.dumps(value) if name in JSON_COLUMNS and value is not None else value
+
+
+def _decode(name: str, value: Any) -> Any:
+    if name == "spec":
+        return DeploymentSpec.from_dict(json.loads(value))
+    if name in JSON_COLUMNS:
+        return json.loads(value) if value else None
+    return value
+
+
 def _row_to_deployment(row: sqlite3.Row) -> Deployment:
-    return Deployment(
-        id=row["id"],
-        application=row["application"],
-        server=row["server"],
-        status=row["status"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        log_path=row["log_path"],
-        spec=DeploymentSpec.from_dict(json.loads(row["spec"])),
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        pid=row["pid"],
-        pid_started_at=row["pid_started_at"],
-        container_id=row["container_id"],
-        exit_code=row["exit_code"],
-        url=row["url"],
-        smoke_test=json.loads(row["smoke_test"]) if row["smoke_test"] else None,
-        rollback_of=row["rollback_of"],
-        error=json.loads(row["error"]) if row["error"] else None,
-        stage=row["stage"],
-        release=json.loads(row["release"]) if row["release"] else None,
-        release_image=row["release_image"],
-        release_from=row["release_from"],
-        seq=row["seq"],
-    )
+    values = {item.name: _decode(item.name, row[item.name]) for item in FIELDS}
+    return Deployment(**values, seq=row["seq"])

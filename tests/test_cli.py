@@ -239,7 +239,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.delenv("DEPLOY_AGENT_URL", raising=False)
     monkeypatch.delenv("DEPLOY_AGENT_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.01)
+    monkeypatch.setattr(cli.commands, "POLL_INTERVAL_S", 0.01)
 
 
 def run_cli(*args: str) -> int:

@@ -273,7 +273,7 @@ def test_server_defaults_to_port_22(tmp_path: Path) -> None:
         ("[servers.edge]\nhost = 'h'\nuser = 'u'\n", "servers.edge.known_hosts: is required: host keys are always verified"),
         ("[servers.edge]\nhost = 'h'\nuser = 'u'\nknown_hosts = '/k'\nport = 0\n", "servers.edge.port: must be between 1 and 65535"),
         ("[servers.'bad name']\nhost = 'h'\nuser = 'u'\nknown_hosts = '/k'\n", "servers.bad name: server names may use letters, digits, '.', '_' and '-'"),
-        ("[servers]\nedge = 1\n", "servers.edge: must be a table"),
+        ("[servers]\nedge = 1\n", "servers.edge: must be a table, got an integer"),
     ],
 )
 def test_server_problems_are_named(tmp_path: Path, text: str, problem: str) -> None:
@@ -479,3 +479,59 @@ def test_server_options() -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_mapping({"servers": {"edge": {**base, "use_ssh_agent": "yes"}}})
     assert any("servers.edge.use_ssh_agent" in problem for problem in caught.value.problems)
+
+
+# --- security, limits, bind addresses -------------------------------------------------------------
+
+
+def test_security_limits_and_addresses_are_read(tmp_path: Path) -> None:
+    """[security], release limits, sizes and bind addresses reach their fields, normalised."""
+    (tmp_path / "src").mkdir()
+    text = (
+        "[agent]\nmin_free_bytes = 0\nmax_log_bytes = '1m'\n"
+        "[docker]\nrelease_memory = '256m'\nrelease_cpus = 0.5\nrelease_pids = 64\nbind_addresses = ['0:0::1', '10.0.0.5']\n"
+        "[releases]\nretention = 2\ndrain_s = 0\n"
+        "[security]\nallow_host_processes = true\nsource_roots = ['src', '/srv/../srv']\n"
+    )
+    config = Config.load(write_config(tmp_path, text))
+    assert (config.agent.min_free_bytes, config.agent.max_log_bytes) == (0, 1024**2)
+    docker = config.docker
+    assert (docker.release_memory_bytes, docker.release_cpus, docker.release_pids) == (256 * 1024**2, 0.5, 64)
+    assert docker.bind_addresses == ("::1", "10.0.0.5")
+    assert (config.releases.retention, config.releases.drain_s) == (2, 0.0)
+    assert config.security.allow_host_processes is True
+    assert config.security.source_roots == ((tmp_path / "src").resolve(), Path("/srv").resolve())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[docker]\nbind_addresses = []\n", ['docker.bind_addresses: must list at least one address (e.g. "127.0.0.1")']),
+        ("[docker]\nbind_addresses = ['x', 3]\n", [
+            "docker.bind_addresses: 'x' is not an IP address", "docker.bind_addresses: 3 is not an IP address",
+        ]),
+        ("[docker]\nbind_addresses = '127.0.0.1'\n", ["docker.bind_addresses: must be a list, got a string"]),
+        ("[docker]\nrelease_memory = 'lots'\n", ["docker.release_memory: must be a size such as 512m or 2g"]),
+        ("[docker]\nbuild_memory_bytes = 1\n", ["docker.build_memory_bytes: unknown key"]),
+        ("[releases]\ndrain_s = -1\n", ["releases.drain_s: must be 0 or more"]),
+        ("[security]\nallow_host_processes = 'yes'\n", ["security.allow_host_processes: must be a boolean, got a string"]),
+        ("[security]\nsource_roots = ['', 3]\n", [
+            "security.source_roots[0]: must be a non-empty path", "security.source_roots[1]: must be a non-empty path",
+        ]),
+        ("[security]\nsource_roots = '/srv'\n", ["security.source_roots: must be a list, got a string"]),
+        ("[servers.edge]\nhost = 'h'\nuser = 'u'\nknown_hosts = '/k'\nname = 'x'\n", ["servers.edge.name: unknown key"]),
+        ("[[auth.tokens]]\nname = ''\ntoken_sha256 = '" + "a" * 64 + "'\nscopes = ['admin']\n", [
+            "auth.tokens[0].name: is required",
+        ]),
+    ],
+)
+def test_problems_of_the_newer_tables_are_named(tmp_path: Path, text: str, expected: list[str]) -> None:
+    """Each problem in [docker], [releases], [security] and the servers names its key in full."""
+    assert problems_of(text, tmp_path) == expected
+
+
+def test_relative_source_roots_need_a_config_file() -> None:
+    """Without a file to be relative to, a relative source root is refused."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_mapping({"security": {"source_roots": ["src"]}})
+    assert caught.value.problems == ["security.source_roots[0]: must be an absolute path"]

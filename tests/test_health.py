@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.health import HealthTarget, ReleaseUnhealthy, check_release
+from agent.errors import ReleaseUnhealthy
+from agent.health import HealthTarget, check_release
 from agent.logs import DeploymentLog
 from agent.models import HealthCheckSpec
 from agent.runtimes.base import ReleaseState

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -9,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ValidationFailed
+from agent.deployment_request import deployment_request_schema
 from agent.models import (
     REDACTED,
     TRANSITIONS,
+    BuildSpec,
     Deployment,
     DeploymentSpec,
+    HealthCheckSpec,
     RunSpec,
     SourceSpec,
     check_source_directory,
-    decode_cursor,
-    encode_cursor,
     format_time,
     is_application_name,
     is_image_reference,
@@ -119,17 +121,13 @@ def test_transitions_end_in_final_states() -> None:
             assert {"failed", "cancelled"} <= targets
 
 
-def test_ids_times_and_cursors() -> None:
-    """Ids are unique and time-ordered; times round-trip; cursors reject garbage."""
+def test_ids_and_times() -> None:
+    """Ids are unique and time-ordered; times round-trip."""
     ids = [new_deployment_id() for _ in range(100)]
     assert len(set(ids)) == 100 and all(i.startswith("dep_") and len(i) == 30 for i in ids)
     assert format_time(parse_time("2026-11-22T13:00:00.5+01:00")) == "2026-11-22T12:00:00.500Z"
     with pytest.raises(ValueError):
         parse_time("2026-11-22T13:00:00")
-    assert decode_cursor(encode_cursor(1234)) == 1234
-    for bad in ("", "zzz", "c", "cxyz"):
-        with pytest.raises(ValueError):
-            decode_cursor(bad)
 
 
 # --- whole-string patterns, Docker names ----------------------------------------------------
@@ -418,9 +416,28 @@ def test_to_json_redacts_env_values_and_echoes_metadata_once() -> None:
     assert DeploymentSpec.from_dict(spec.to_dict()) == spec  # the store still has the values
 
 
-def test_cursors_are_bounded_to_sqlite_integers() -> None:
-    """A cursor is 'c' + at most 16 lowercase hex digits below 2**63; anything else is ValueError."""
-    assert decode_cursor(encode_cursor(2**63 - 1)) == 2**63 - 1
-    for bad in (encode_cursor(2**63), encode_cursor(2**64), "c" + "f" * 17, "c 1", "c_1", "c+1", "C1", "c1\n", "cA"):
-        with pytest.raises(ValueError):
-            decode_cursor(bad)
+
+# --- the schema -------------------------------------------------------------------------------
+
+
+def test_the_request_schema_is_a_json_schema_naming_every_field() -> None:
+    """The declaration that validates a request also gives its JSON Schema, with every spec field in it."""
+    schema = deployment_request_schema()
+    assert json.loads(json.dumps(schema)) == schema
+    objects = {"DeploymentSpec": schema, **schema["$defs"]}
+    for spec in (DeploymentSpec, SourceSpec, BuildSpec, RunSpec, HealthCheckSpec):
+        described = objects[spec.__name__]
+        assert set(described["properties"]) == {item.name for item in dataclasses.fields(spec)}, spec
+        assert described["additionalProperties"] is False
+    assert schema["required"] == ["application"]
+    assert "image" not in objects["BuildSpec"].get("required", [])
+    assert objects["RunSpec"]["properties"]["port"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 65535}
+
+
+def test_a_spec_built_in_code_is_not_validated_again() -> None:
+    """Specs are plain frozen dataclasses: replace() and direct construction trust their caller."""
+    spec = parse_deployment_request({"application": "a", "run": {"image": "busybox", "port": 80}})
+    assert dataclasses.replace(spec, build=None, source=None).run == spec.run
+    assert RunSpec(bind="0.0.0.0").bind == "0.0.0.0"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.application = "b"  # type: ignore[misc]

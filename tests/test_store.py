@@ -112,3 +112,43 @@ async def test_sqlite_runs_off_the_event_loop(store: Store) -> None:
     assert seen and seen[0] != loop_thread
     results = await asyncio.gather(*(store.insert(make()) for _ in range(20)))
     assert len({d.id for d, _ in results}) == 20
+
+
+# Written by an agent from before release columns and the derived schema: the first release's table.
+OLD_SCHEMA = """
+CREATE TABLE deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, application TEXT NOT NULL,
+    server TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    started_at TEXT, finished_at TEXT, pid INTEGER, pid_started_at REAL, container_id TEXT, exit_code INTEGER,
+    url TEXT, smoke_test TEXT, rollback_of TEXT, error TEXT, stage TEXT, log_path TEXT NOT NULL,
+    spec TEXT NOT NULL, idempotency_key TEXT UNIQUE, request_hash TEXT
+);
+"""
+
+
+async def test_a_database_of_an_earlier_agent_opens_and_reads_back(tmp_path: Path) -> None:
+    """Rows written with the earlier table read back whole; fields added since get their columns on open."""
+    path = tmp_path / "agent.db"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_SCHEMA)
+    old.execute(
+        """INSERT INTO deployments (id, application, server, status, created_at, updated_at, log_path, spec,
+                                    error, idempotency_key, request_hash)
+           VALUES ('dep_old', 'web', 'local', 'failed', 't0', 't1', '/tmp/old.log', ?, ?, 'k', 'h')""",
+        ('{"application": "web", "build": {"image": "local/busybox", "command": ["true"]}}',
+         '{"type": "lost", "message": "gone"}'),
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    await store.open()
+    try:
+        deployment = await store.get("dep_old")
+        assert deployment.error == {"type": "lost", "message": "gone"} and deployment.release is None
+        assert deployment.spec.build is not None and deployment.spec.build.command == ("true",)
+        updated = await store.update("dep_old", release={"kind": "container"}, release_image="img")
+        assert updated.release == {"kind": "container"} and updated.release_image == "img"
+        again, created = await store.insert(make(), idempotency_key="k", request_hash="h")
+        assert not created and again.id == "dep_old"
+    finally:
+        await store.close()

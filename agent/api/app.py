@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import structlog
@@ -14,7 +13,7 @@ from agent.api.auth import Handler, auth_middleware
 from agent.api.context import CLOSING, ENGINE, STREAMING, TOKEN_NAME, engine_of
 from agent.api.params import too_large_message
 from agent.api.routes import add_routes
-from agent.errors import AgentError, MethodNotAllowed, NotFound, PayloadTooLarge
+from agent.errors import AgentError, HttpStatusError, MethodNotAllowed, NotFound, PayloadTooLarge
 
 if TYPE_CHECKING:
     from agent.engine import Engine
@@ -85,17 +84,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> AgentE
         return MethodNotAllowed(f"method {request.method} is not allowed on {request.path}; allowed: {allowed}")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge(too_large_message(engine_of(request).config.agent.max_body_bytes))
-    error = AgentError(exc.reason or HTTPStatus(exc.status).phrase)
-    error.status = exc.status
-    error.error_type = _type_of_status(exc.status)
-    return error
-
-
-def _type_of_status(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "http_error"
+    return HttpStatusError(exc.status, exc.reason or None)
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:

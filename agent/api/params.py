@@ -13,7 +13,8 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, decode_cursor, format_time, parse_time
+from agent.api.cursor import decode_cursor
+from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, format_time, parse_time
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_LIST_LIMIT = 500

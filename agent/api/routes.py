@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
 from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
 from agent.api.context import TOKEN_SCOPES, engine_of
+from agent.api.cursor import encode_cursor
 from agent.api.log_stream import get_logs
 from agent.api.params import idempotency_key, parse_list_query, read_json, refuse_body, request_hash
 from agent.config import Config
@@ -17,6 +19,9 @@ from agent.errors import Unavailable
 from agent.metrics import CONTENT_TYPE_LATEST
 from agent.models import DeploymentSpec, check_source_directory, parse_deployment_request
 from agent.policy import authorize_spec
+
+if TYPE_CHECKING:
+    from agent.engine import ApplicationView
 
 logger = structlog.get_logger("agent.api")
 
@@ -79,8 +84,9 @@ def accept_request(body: object, config: Config, servers: frozenset[str], scopes
 @requires(READ_SCOPE)
 async def list_deployments(request: web.Request) -> web.Response:
     """A page of deployments, newest first, with the cursor of the next page."""
-    page, next_cursor = await engine_of(request).list(parse_list_query(request.query))
-    return web.json_response({"data": [deployment.to_json() for deployment in page], "next_cursor": next_cursor})
+    page, next_seq = await engine_of(request).list(parse_list_query(request.query))
+    data = [deployment.to_json() for deployment in page]
+    return web.json_response({"data": data, "next_cursor": encode_cursor(next_seq)})
 
 
 @requires(READ_SCOPE)
@@ -114,18 +120,20 @@ async def rollback_deployment(request: web.Request) -> web.Response:
 @requires(READ_SCOPE)
 async def list_applications(request: web.Request) -> web.Response:
     """Every application with a release: its current deployment, url, and since when."""
-    return web.json_response({"data": await engine_of(request).list_applications()})
+    applications = await engine_of(request).list_applications()
+    return web.json_response({"data": [application_json(app) for app in applications]})
 
 
 @requires(READ_SCOPE)
 async def get_application(request: web.Request) -> web.Response:
-    return web.json_response(await engine_of(request).get_application(request.match_info["name"]))
+    return web.json_response(application_json(await engine_of(request).get_application(request.match_info["name"])))
 
 
 @requires(WRITE_SCOPE)
 async def stop_application(request: web.Request) -> web.Response:
     await refuse_body(request, engine_of(request).config.agent.max_body_bytes)
-    return web.json_response(await engine_of(request).stop_application(request.match_info["name"]), status=202)
+    stopped = await engine_of(request).stop_application(request.match_info["name"])
+    return web.json_response(application_json(stopped), status=202)
 
 
 @requires(WRITE_SCOPE)
@@ -134,9 +142,24 @@ async def start_application(request: web.Request) -> web.Response:
     engine = engine_of(request)
     await refuse_body(request, engine.config.agent.max_body_bytes)
     name = request.match_info["name"]
-    current = await engine.get((await engine.get_application(name))["current_deployment_id"])
+    current = await engine.get((await engine.get_application(name)).deployment_id)
     authorize_spec(dataclasses.replace(current.spec, source=None, build=None), engine.config, request[TOKEN_SCOPES])
-    return web.json_response(await engine.start_application(name), status=202)
+    return web.json_response(application_json(await engine.start_application(name)), status=202)
+
+
+def application_json(app: ApplicationView) -> dict[str, Any]:
+    """The contract's application object."""
+    return {
+        "name": app.name,
+        "current_deployment_id": app.deployment_id,
+        "state": app.state,
+        "url": app.url,
+        "since": app.since,
+        "runtime": app.runtime,
+        "container_id": app.container_id,
+        "pid": app.pid,
+        "updated_at": app.updated_at,
+    }
 
 
 @requires(WRITE_SCOPE)

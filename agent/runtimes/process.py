@@ -33,20 +33,30 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import psutil
 
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog, LogPolicy, read_tail
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
+from agent.runtimes.process_tree import (
+    CREATE_TIME_TOLERANCE_S,
+    ProcessTree,
+    collect,
+    is_alive,
+    is_running,
+    kill_all,
+    kill_except_supervisor,
+    killpg,
+    proven_process,
+    terminate,
+    wait_gone,
+)
 
 SUPERVISOR_MODULE = "agent.runtimes.supervise"
 # How long the supervisor may take to start the command and report its pid.
 START_TIMEOUT_S = 5.0
 POLL_S = 0.02
-# psutil derives create times from clock ticks since boot; two readings agree far closer than this.
-CREATE_TIME_TOLERANCE_S = 0.01
 # How long a release that just ended may take to have its exit code written.
 EXIT_FILE_WAIT_S = 1.0
 # After its command is SIGKILLed, how long the supervisor gets to record the exit and leave by itself.
@@ -79,15 +89,6 @@ class ReleaseFiles:
     @property
     def log_path(self) -> Path:
         return self.directory / "log_path"
-
-
-@dataclass(frozen=True)
-class _Tree:
-    """The proven roots of a release: its supervisor, its command, and the group/session they lead."""
-
-    supervisor: psutil.Process | None
-    command: psutil.Process | None
-    group: int | None
 
 
 class ProcessRuntime:
@@ -133,20 +134,20 @@ class ProcessRuntime:
         tree = await asyncio.to_thread(self._prove_tree, handle)
         if tree is None:
             return
-        processes = await asyncio.to_thread(_collect, tree, {})
+        processes = await asyncio.to_thread(collect, tree, {})
         if not processes:
             return
-        await asyncio.to_thread(_terminate, tree, processes, files)
-        await _wait_gone(processes.values(), grace_s)
+        await asyncio.to_thread(terminate, tree, processes, files.stopping)
+        await wait_gone(processes.values(), grace_s)
         # Leftovers and whatever they forked meanwhile.
-        processes = await asyncio.to_thread(_collect, tree, processes)
+        processes = await asyncio.to_thread(collect, tree, processes)
         if processes:
-            await asyncio.to_thread(_kill_except_supervisor, tree, processes)
+            await asyncio.to_thread(kill_except_supervisor, tree, processes)
             if tree.supervisor is not None:
-                await _wait_gone([tree.supervisor], SUPERVISOR_EXIT_S)
-            processes = await asyncio.to_thread(_collect, tree, processes)
-            await asyncio.to_thread(_kill_all, tree, processes)
-            left = await _wait_gone(processes.values(), GONE_TIMEOUT_S)
+                await wait_gone([tree.supervisor], SUPERVISOR_EXIT_S)
+            processes = await asyncio.to_thread(collect, tree, processes)
+            await asyncio.to_thread(kill_all, tree, processes)
+            left = await wait_gone(processes.values(), GONE_TIMEOUT_S)
             if left:
                 pids = ", ".join(str(process.pid) for process in left)
                 raise RuntimeFailure(f"processes of release {handle.deployment_id} survived SIGKILL: {pids}")
@@ -169,7 +170,7 @@ class ProcessRuntime:
 
     async def adopt(self, handle: ReleaseHandle) -> bool:
         """After an agent restart: whether the release of this handle still runs."""
-        return await asyncio.to_thread(_is_running, handle.pid, handle.pid_started_at)
+        return await asyncio.to_thread(is_running, handle.pid, handle.pid_started_at)
 
     def files(self, deployment_id: str) -> ReleaseFiles:
         """The runtime files of a deployment's release."""
@@ -250,12 +251,12 @@ class ProcessRuntime:
             if time.monotonic() >= deadline:
                 if supervisor.returncode is None:
                     # Still our unreaped child, so the group is ours.
-                    _killpg(supervisor.pid, signal.SIGKILL)
+                    killpg(supervisor.pid, signal.SIGKILL)
                 raise RuntimeFailure(f"the release did not start within {START_TIMEOUT_S:g}s")
             await asyncio.sleep(POLL_S)
 
     def _state(self, handle: ReleaseHandle) -> ReleaseState:
-        if _is_running(handle.pid, handle.pid_started_at):
+        if is_running(handle.pid, handle.pid_started_at):
             return ReleaseState(running=True, pid=handle.pid)
         files = self.files(handle.deployment_id)
         code, _ = _read_exit_file(files.exit)
@@ -276,7 +277,7 @@ class ProcessRuntime:
             if process.create_time() > handle.pid_started_at + CREATE_TIME_TOLERANCE_S:
                 return None
             cmdline = process.cmdline()
-            if not _alive(process):
+            if not is_alive(process):
                 return None
         except psutil.Error:
             return None
@@ -284,10 +285,10 @@ class ProcessRuntime:
             return None
         return process
 
-    def _prove_tree(self, handle: ReleaseHandle) -> _Tree | None:
+    def _prove_tree(self, handle: ReleaseHandle) -> ProcessTree | None:
         supervisor = self._prove_supervisor(handle)
-        command = _proven_process(handle.pid, handle.pid_started_at)
-        if command is not None and not _alive(command):
+        command = proven_process(handle.pid, handle.pid_started_at)
+        if command is not None and not is_alive(command):
             command = None
         group = None
         if handle.process_group is not None:
@@ -296,13 +297,14 @@ class ProcessRuntime:
             elif command is not None:
                 # A live member keeps the group id from being reused.
                 try:
-                    if os.getpgid(command.pid) == handle.process_group or os.getsid(command.pid) == handle.process_group:
-                        group = handle.process_group
+                    leader = handle.process_group
+                    if os.getpgid(command.pid) == leader or os.getsid(command.pid) == leader:
+                        group = leader
                 except OSError:
                     pass
         if supervisor is None and command is None:
             return None
-        return _Tree(supervisor=supervisor, command=command, group=group)
+        return ProcessTree(supervisor=supervisor, command=command, group=group)
 
     def _last_output(self, handle: ReleaseHandle, lines: int) -> list[str]:
         if lines <= 0:
@@ -359,137 +361,3 @@ def _read_exit_file(path: Path) -> tuple[int | None, str | None]:
         return int(code_line), reason.strip() or None
     except (OSError, ValueError):
         return None, None
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _proven_process(pid: int | None, started_at: float | None) -> psutil.Process | None:
-    """The process `pid` if it is the one started at `started_at` (not a reuse of its pid)."""
-    if pid is None or started_at is None:
-        return None
-    try:
-        process = psutil.Process(pid)
-        if abs(process.create_time() - started_at) > CREATE_TIME_TOLERANCE_S:
-            return None
-        return process
-    except psutil.Error:
-        return None
-
-
-def _is_running(pid: int | None, started_at: float | None) -> bool:
-    process = _proven_process(pid, started_at)
-    return process is not None and _alive(process)
-
-
-def _group_still_ours(tree: _Tree, known: dict[int, psutil.Process]) -> bool:
-    """The group id cannot have been reused while a proven process still belongs to it."""
-    if tree.group is None:
-        return False
-    witnesses = [tree.supervisor, tree.command, *known.values()]
-    for process in witnesses:
-        if process is None or not _alive(process):
-            continue
-        try:
-            if os.getpgid(process.pid) == tree.group or os.getsid(process.pid) == tree.group:
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _collect(tree: _Tree, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
-    """Every live process of the release: the roots, their descendants, its group and session."""
-    found: dict[int, psutil.Process] = {}
-    roots = [tree.supervisor, tree.command, *known.values()]
-    for root in roots:
-        if root is None or not _alive(root):
-            continue
-        found[root.pid] = root
-        try:
-            for child in root.children(recursive=True):
-                found.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-    if _group_still_ours(tree, known):
-        for process in psutil.process_iter():
-            try:
-                if os.getpgid(process.pid) == tree.group or os.getsid(process.pid) == tree.group:
-                    found.setdefault(process.pid, process)
-            except OSError:
-                continue
-    return {pid: process for pid, process in found.items() if _alive(process) and pid != os.getpid()}
-
-
-def _in_group(process: psutil.Process, group: int | None) -> bool:
-    try:
-        return group is not None and os.getpgid(process.pid) == group
-    except OSError:
-        return False
-
-
-def _terminate(tree: _Tree, processes: dict[int, psutil.Process], files: ReleaseFiles) -> None:
-    try:
-        files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        files.stopping.touch()
-    except OSError:
-        pass  # the command may get SIGTERM twice; that is all
-    if _group_still_ours(tree, processes):
-        assert tree.group is not None
-        _killpg(tree.group, signal.SIGTERM)
-    for process in processes.values():
-        if not _in_group(process, tree.group):
-            _send(process, signal.SIGTERM)
-
-
-def _kill_except_supervisor(tree: _Tree, processes: dict[int, psutil.Process]) -> None:
-    """SIGKILL to all but the supervisor, so that it can still record the command's exit."""
-    supervisor_pid = tree.supervisor.pid if tree.supervisor is not None else None
-    for process in processes.values():
-        if process.pid != supervisor_pid:
-            _send(process, signal.SIGKILL)
-
-
-def _kill_all(tree: _Tree, processes: dict[int, psutil.Process]) -> None:
-    if _group_still_ours(tree, processes):
-        assert tree.group is not None
-        _killpg(tree.group, signal.SIGKILL)
-    for process in processes.values():
-        _send(process, signal.SIGKILL)
-
-
-def _send(process: psutil.Process, signum: int) -> None:
-    # psutil refuses to signal a process whose pid now belongs to another (create time differs).
-    try:
-        process.send_signal(signum)
-    except psutil.Error:
-        pass
-
-
-def _killpg(group: int, signum: int) -> None:
-    try:
-        os.killpg(group, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _still_alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    return [process for process in processes if _alive(process)]
-
-
-async def _wait_gone(processes: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Polls until every process ended (zombies count as ended); returns those left at the deadline.
-
-    Polling rather than psutil.wait_procs: psutil would reap our own children behind Popen's back.
-    """
-    pending = list(processes)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pending = await asyncio.to_thread(_still_alive, pending)
-        if not pending or time.monotonic() >= deadline:
-            return pending
-        await asyncio.sleep(POLL_S * 2.5)

@@ -22,11 +22,11 @@ from agent.config import AgentSettings, Config, TokenConfig, hash_token
 from agent.errors import Conflict, NotFound, QueueFull, Unavailable
 from agent.logs import READ_CHUNK_BYTES, read_tail
 from agent.metrics import Metrics
+from agent.engine import ApplicationView
 from agent.models import (
     Deployment,
     DeploymentFilter,
     DeploymentSpec,
-    encode_cursor,
     new_deployment_id,
     utc_now,
 )
@@ -110,7 +110,7 @@ class FakeEngine:
         except KeyError:
             raise NotFound(f"deployment {deployment_id} not found") from None
 
-    async def list(self, query: DeploymentFilter) -> tuple[list[Deployment], str | None]:
+    async def list(self, query: DeploymentFilter) -> tuple[list[Deployment], int | None]:
         self.queries.append(query)
         rows = sorted(self.deployments.values(), key=lambda d: d.seq, reverse=True)
         rows = [
@@ -122,7 +122,7 @@ class FakeEngine:
         ]
         page = rows[: query.limit]
         more = len(rows) > query.limit
-        return page, encode_cursor(page[-1].seq) if more else None
+        return page, page[-1].seq if more else None
 
     async def kill(self, deployment_id: str) -> Deployment:
         deployment = await self.get(deployment_id)
@@ -137,18 +137,19 @@ class FakeEngine:
             raise Conflict(f"deployment {deployment_id} never put a release into service", code="no_release")
         return self.add(application=target.application, rollback_of=target.id)
 
-    async def list_applications(self) -> list[dict[str, Any]]:
-        return [{"name": "web", "state": "running"}]
+    async def list_applications(self) -> list[ApplicationView]:
+        return [await self.get_application("web")]
 
-    async def get_application(self, name: str) -> dict[str, Any]:
+    async def get_application(self, name: str) -> ApplicationView:
         if name != "web":
             raise NotFound(f"application {name} not found")
-        return {"name": "web", "state": "running"}
+        current = next((d for d in self.deployments.values() if d.application == "web"), None) or self.add("web")
+        return ApplicationView("web", current.id, "running", None, utc_now(), None, None, None, utc_now())
 
-    async def stop_application(self, name: str) -> dict[str, Any]:
-        return {**await self.get_application(name), "state": "stopped"}
+    async def stop_application(self, name: str) -> ApplicationView:
+        return dataclasses.replace(await self.get_application(name), state="stopped")
 
-    async def start_application(self, name: str) -> dict[str, Any]:
+    async def start_application(self, name: str) -> ApplicationView:
         return await self.get_application(name)
 
     async def delete(self, deployment_id: str) -> None:

@@ -14,9 +14,9 @@ from agent.errors import Conflict, NotFound
 from agent.releases import ReleaseManager
 from agent.runtimes.container import ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
-from agent.servers import Servers
 from agent.ssh import SshConnections
 from agent.store import Store
+from agent.targets.resolver import Targets
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ async def manager(tmp_path: Path) -> AsyncIterator[ReleaseManager]:
     store = Store(config.database_path)
     await store.open()
     containers = ContainerRuntime(DockerSettings(), max_streams=1)
-    servers = Servers(config, SshConnections({}), containers, ProcessRuntime(config.run_dir))
-    manager = ReleaseManager(config, store, servers)
+    targets = Targets(config, SshConnections({}), containers, ProcessRuntime(config.run_dir))
+    manager = ReleaseManager(config, store, targets)
     yield manager
     await manager.close()
     await containers.close()

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from agent.logs import DeploymentLog
-from agent.runtimes.remote_process import RemoteBuildJob, RemoteProcessRuntime
+from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 
 
 @pytest.fixture

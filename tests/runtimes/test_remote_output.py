@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.logs import DeploymentLog, LogPolicy
-from agent.runtimes.remote_process import RemoteProcessRuntime
+from agent.runtimes.remote import RemoteProcessRuntime
 from tests.conftest import log_entries
 from tests.runtimes.test_remote_process import (  # noqa: F401 - fixtures
     connections,

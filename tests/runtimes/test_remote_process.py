@@ -26,7 +26,7 @@ import pytest
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
 from agent.runtimes.base import ReleaseSpec, ReleaseState
-from agent.runtimes.remote_process import RemoteBuildJob, RemoteProcessRuntime
+from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 from tests.conftest import log_entries
 from tests.sshd import SshServer, free_port
 
@@ -530,31 +530,15 @@ async def test_a_release_outlives_the_agent_and_its_output_resumes_without_gaps_
             os.killpg(handle.pid, signal.SIGKILL)
 
 
-def test_listening_ports_are_read_from_proc_net_tcp() -> None:
-    """LISTEN (0A) entries of tcp and tcp6 count; established connections do not."""
-    from agent.runtimes.remote_process import listening_ports, pick_free_port
-
-    text = (
-        "  sl  local_address rem_address   st tx_queue rx_queue\n"
-        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000\n"
-        "   1: 0100007F:4E20 0100007F:9C40 01 00000000:00000000\n"
-        "   0: 00000000000000000000000000000000:4E21 00000000000000000000000000000000:0000 0A 0\n"
-    )
-    assert listening_ports(text) == {8080, 20001}
-    assert pick_free_port(set(range(20000, 32000)) - {25000}) == 25000
-    with pytest.raises(RuntimeFailure, match="no free port"):
-        pick_free_port(set(range(20000, 32000)))
-
-
 async def test_free_port_is_not_one_the_server_listens_on(
     runtime: RemoteProcessRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """free_port asks the server: with all but one port of a small range listened on, it picks that one."""
     import socket
 
-    from agent.runtimes import remote_process
+    from agent.runtimes.remote import scripts
 
-    monkeypatch.setattr(remote_process, "REMOTE_PORTS", range(20000, 20064))
+    monkeypatch.setattr(scripts, "REMOTE_PORTS", range(20000, 20064))
     listeners = []
     try:
         for port in range(20000, 20063):  # 20063 stays free

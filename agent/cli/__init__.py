@@ -1,0 +1,55 @@
+"""The command line: daemon commands (`run`, `check-config`) and clients of a running agent.
+
+The client commands speak HTTP through `agent.client` and know nothing of the engine or the store.
+Exit codes: 0 success, 1 an API or connection error (or a deployment that did not succeed),
+2 a usage or config error, 130 interrupted.
+
+By job: `parser` (the argparse tree), `commands` (one handler a command), `request` (a deployment
+request from flags or a file), `output` (tables, records and errors as printed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from agent.cli.commands import LOCAL_TOKEN_FILE
+from agent.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from agent.cli.output import print_client_error
+from agent.cli.parser import build_parser
+from agent.client import ClientError
+
+__all__ = [
+    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "LOCAL_TOKEN_FILE", "UsageError",
+    "build_parser", "main",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command line and returns its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+    if args.handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except ClientError as exc:
+        print_client_error(exc)
+        return EXIT_FAILED
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`deploy-agent logs x | head`): silence the flush at exit too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_FAILED

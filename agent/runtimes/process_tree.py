@@ -1,0 +1,167 @@
+"""A host release's processes, proven before they are signalled, and how they are stopped.
+
+A process is ours only when its identity is proven: the command by its create time, the
+supervisor by its command line, others by being in the proven tree, group or session (see
+agent.runtimes.process). Stopping sends SIGTERM to the whole tree, waits, then SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import psutil
+
+# psutil derives create times from clock ticks since boot; two readings agree far closer than this.
+CREATE_TIME_TOLERANCE_S = 0.01
+# How often stop_release looks whether signalled processes are gone.
+GONE_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ProcessTree:
+    """The proven roots of a release: its supervisor, its command, and the group/session they lead."""
+
+    supervisor: psutil.Process | None
+    command: psutil.Process | None
+    group: int | None
+
+
+def is_alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def proven_process(pid: int | None, started_at: float | None) -> psutil.Process | None:
+    """The process `pid` if it is the one started at `started_at` (not a reuse of its pid)."""
+    if pid is None or started_at is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if abs(process.create_time() - started_at) > CREATE_TIME_TOLERANCE_S:
+            return None
+        return process
+    except psutil.Error:
+        return None
+
+
+def is_running(pid: int | None, started_at: float | None) -> bool:
+    process = proven_process(pid, started_at)
+    return process is not None and is_alive(process)
+
+
+def _group_still_ours(tree: ProcessTree, known: dict[int, psutil.Process]) -> bool:
+    """The group id cannot have been reused while a proven process still belongs to it."""
+    if tree.group is None:
+        return False
+    witnesses = [tree.supervisor, tree.command, *known.values()]
+    for process in witnesses:
+        if process is None or not is_alive(process):
+            continue
+        try:
+            if os.getpgid(process.pid) == tree.group or os.getsid(process.pid) == tree.group:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def collect(tree: ProcessTree, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
+    """Every live process of the release: the roots, their descendants, its group and session."""
+    found: dict[int, psutil.Process] = {}
+    roots = [tree.supervisor, tree.command, *known.values()]
+    for root in roots:
+        if root is None or not is_alive(root):
+            continue
+        found[root.pid] = root
+        try:
+            for child in root.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+    if _group_still_ours(tree, known):
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == tree.group or os.getsid(process.pid) == tree.group:
+                    found.setdefault(process.pid, process)
+            except OSError:
+                continue
+    return {pid: process for pid, process in found.items() if is_alive(process) and pid != os.getpid()}
+
+
+def _in_group(process: psutil.Process, group: int | None) -> bool:
+    try:
+        return group is not None and os.getpgid(process.pid) == group
+    except OSError:
+        return False
+
+
+def terminate(tree: ProcessTree, processes: dict[int, psutil.Process], stopping: Path) -> None:
+    """SIGTERM to the group (while it is provably ours) and to members that left it; marks `stopping` first."""
+    try:
+        stopping.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stopping.touch()
+    except OSError:
+        pass  # the command may get SIGTERM twice; that is all
+    if _group_still_ours(tree, processes):
+        assert tree.group is not None
+        killpg(tree.group, signal.SIGTERM)
+    for process in processes.values():
+        if not _in_group(process, tree.group):
+            _send(process, signal.SIGTERM)
+
+
+def kill_except_supervisor(tree: ProcessTree, processes: dict[int, psutil.Process]) -> None:
+    """SIGKILL to all but the supervisor, so that it can still record the command's exit."""
+    supervisor_pid = tree.supervisor.pid if tree.supervisor is not None else None
+    for process in processes.values():
+        if process.pid != supervisor_pid:
+            _send(process, signal.SIGKILL)
+
+
+def kill_all(tree: ProcessTree, processes: dict[int, psutil.Process]) -> None:
+    if _group_still_ours(tree, processes):
+        assert tree.group is not None
+        killpg(tree.group, signal.SIGKILL)
+    for process in processes.values():
+        _send(process, signal.SIGKILL)
+
+
+def _send(process: psutil.Process, signum: int) -> None:
+    # psutil refuses to signal a process whose pid now belongs to another (create time differs).
+    try:
+        process.send_signal(signum)
+    except psutil.Error:
+        pass
+
+
+def killpg(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _still_alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [process for process in processes if is_alive(process)]
+
+
+async def wait_gone(processes: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Polls until every process ended (zombies count as ended); returns those left at the deadline.
+
+    Polling rather than psutil.wait_procs: psutil would reap our own children behind Popen's back.
+    """
+    pending = list(processes)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = await asyncio.to_thread(_still_alive, pending)
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        await asyncio.sleep(GONE_POLL_S)
