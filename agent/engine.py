@@ -286,7 +286,11 @@ class Engine:
     async def stop_application(self, name: str) -> dict[str, Any]:
         return await self.releases.application_json(await self.releases.stop_application(name))
 
-    async def start_application(self, name: str) -> dict[str, Any]:
+    async def start_application(self, name: str, scopes: frozenset[str] | None = None) -> dict[str, Any]:
+        """Brings the current release back; a host-process one needs what submitting it did (403)."""
+        current = await self.store.get((await self.store.get_application(name)).deployment_id)
+        runtime_only = dataclasses.replace(current.spec, source=None, build=None)
+        await asyncio.to_thread(authorize_spec, runtime_only, self.config, scopes)
         return await self.releases.application_json(await self.releases.start_application(name))
 
     async def list_servers(self) -> list[dict[str, Any]]:

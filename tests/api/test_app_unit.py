@@ -148,7 +148,7 @@ class FakeEngine:
     async def stop_application(self, name: str) -> dict[str, Any]:
         return {**await self.get_application(name), "state": "stopped"}
 
-    async def start_application(self, name: str) -> dict[str, Any]:
+    async def start_application(self, name: str, scopes: frozenset[str] | None = None) -> dict[str, Any]:
         return await self.get_application(name)
 
     async def delete(self, deployment_id: str) -> None:
