@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError, Conflict, Forbidden, NotFound, RuntimeFailure, Unavailable
+from agent.errors import AgentError, Conflict, DiskFull, Forbidden, NotFound, RuntimeFailure, Unavailable
 from agent.logs import DeploymentLog, LogPolicy
 from agent.metrics import Metrics
 from agent.policy import authorize_spec
@@ -186,6 +186,7 @@ class Engine:
         """Records a deployment durably and wakes the scheduler; returns (deployment, created)."""
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
+        await self._raise_if_disk_low()
         record = self._new_record(spec)
         deployment, created = await self.store.insert(
             record,
@@ -264,6 +265,7 @@ class Engine:
         """Queues a new deployment that brings back the release of `deployment_id` (no build)."""
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
+        await self._raise_if_disk_low()
         target = await self.store.get(deployment_id)
         await self.releases.check_rollback_target(target)
         record = self._new_record(
@@ -302,6 +304,19 @@ class Engine:
             raise NotFound(f"server {name} is not configured (no [servers.{name}] in the config)")
         return await self.servers.check(name)
 
+    async def _raise_if_disk_low(self) -> None:
+        """DiskFull while free space in state_dir is below agent.min_free_bytes (checked on every intake)."""
+        minimum = self.config.agent.min_free_bytes
+        if not minimum:
+            return
+        free = await asyncio.to_thread(_free_bytes, self.config.agent.state_dir)
+        if free is not None and free < minimum:
+            raise DiskFull(
+                f"only {free} bytes are free in the state directory, below agent.min_free_bytes ({minimum}); "
+                "free some space: deployments are accepted again as soon as there is room",
+                details={"free_bytes": free, "min_free_bytes": minimum},
+            )
+
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:
             version = await asyncio.wait_for(self.runtime.ping(), timeout=3)
@@ -309,6 +324,10 @@ class Engine:
             return False, {"reason": f"Docker engine unreachable: {getattr(exc, 'message', None) or 'timed out'}"}
         if not self._reconciled:
             return False, {"reason": "recovering the deployments of the previous run"}
+        try:
+            await self._raise_if_disk_low()
+        except DiskFull as exc:
+            return False, {"reason": exc.message}
         return True, {"docker": version, "running": len(self._running)}
 
     async def status_counts(self) -> dict[str, int]:
@@ -640,6 +659,14 @@ class _BuildFailed(Exception):
         self.error_type = error_type
         self.message = message
         self.exit_code = exit_code
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        usage = os.statvfs(directory)
+    except OSError:
+        return None
+    return usage.f_bavail * usage.f_frsize
 
 
 def _unlink(path: Path) -> None:

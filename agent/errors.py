@@ -90,6 +90,12 @@ class Unavailable(AgentError):
     status, error_type = 503, "unavailable"
 
 
+class DiskFull(Unavailable):
+    """Free space in state_dir is below agent.min_free_bytes: nothing new is accepted until there is room."""
+
+    error_type = "disk_full"
+
+
 class ConfigError(AgentError):
     """An invalid config file; `problems` holds one line per bad key."""
 

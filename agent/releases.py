@@ -77,6 +77,18 @@ class ReleaseManager:
         held = self._locks.get(application)
         return held is not None and held.lock.locked()
 
+    def _address(self, deployment: Deployment, handle: ReleaseHandle) -> str:
+        """The host of a release's `url`: the address it is bound on, as Docker reports it.
+
+        A wildcard bind is reported as such (the release answers on every interface); the
+        health check still goes to loopback through `handle.host`.
+        """
+        address = self.servers.address_of(deployment.server, handle)
+        bind = deployment.spec.run.bind if deployment.spec.run else None
+        if bind in ("0.0.0.0", "::") and deployment.server == LOCAL:
+            return bind
+        return address
+
     def _log_policy(self, deployment: Deployment) -> LogPolicy:
         """The deployment's log policy, for writers (and release followers) opened here."""
         return LogPolicy.for_spec(deployment.spec, self.config.agent.max_log_bytes)
@@ -105,7 +117,7 @@ class ReleaseManager:
             handle: ReleaseHandle | None = None
             try:
                 handle = await runtime.start_release(spec, log)
-                url = _url_of(handle, spec.ports[0] if spec.ports else None, self.servers.address_of(server, handle))
+                url = _url_of(handle, spec.ports[0] if spec.ports else None, self._address(deployment, handle))
                 await self.store.update(
                     deployment.id, release=handle.to_dict(), pid=handle.pid, pid_started_at=handle.pid_started_at,
                     container_id=handle.container_id, url=url, stage="health",
@@ -292,7 +304,7 @@ class ReleaseManager:
             deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
             container_id=new_handle.container_id,
             url=_url_of(
-                new_handle, spec.ports[0] if spec.ports else None, self.servers.address_of(deployment.server, new_handle)
+                new_handle, spec.ports[0] if spec.ports else None, self._address(deployment, new_handle)
             ),
         )
         return new_handle
@@ -533,7 +545,7 @@ class ReleaseManager:
             port = deployment.spec.run.port if deployment.spec.run else None
             await self.store.update(
                 deployment.id, release=refreshed.to_dict(), pid=refreshed.pid,
-                url=_url_of(refreshed, port, self.servers.address_of(deployment.server, refreshed)),
+                url=_url_of(refreshed, port, self._address(deployment, refreshed)),
             )
             handle = refreshed
         await containers.attach_release_output(handle, Path(deployment.log_path), self._log_policy(deployment))
