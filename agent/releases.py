@@ -78,16 +78,9 @@ class ReleaseManager:
         return held is not None and held.lock.locked()
 
     def _address(self, deployment: Deployment, handle: ReleaseHandle) -> str:
-        """The host of a release's `url`: the address it is bound on, as Docker reports it.
-
-        A wildcard bind is reported as such (the release answers on every interface); the
-        health check still goes to loopback through `handle.host`.
-        """
-        address = self.servers.address_of(deployment.server, handle)
+        """The host of a release's `url`: the address it is bound on."""
         bind = deployment.spec.run.bind if deployment.spec.run else None
-        if bind in ("0.0.0.0", "::") and deployment.server == LOCAL:
-            return bind
-        return address
+        return self.servers.address_of(deployment.server, handle, bind)
 
     def _log_policy(self, deployment: Deployment) -> LogPolicy:
         """The deployment's log policy, for writers (and release followers) opened here."""

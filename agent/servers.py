@@ -14,7 +14,7 @@ from typing import Any
 from agent.config import Config
 from agent.health import HealthTarget
 from agent.runtimes.base import ReleaseHandle, ReleaseRuntime
-from agent.runtimes.container import ContainerRuntime
+from agent.runtimes.container import ANY_ADDRESS, ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
 from agent.runtimes.remote_process import RemoteProcessRuntime
 from agent.ssh import SshConnections
@@ -77,9 +77,15 @@ class Servers:
             return await self.containers(server)
         return self.local_processes if server == LOCAL else self.remote_processes(server)
 
-    def address_of(self, server: str, handle: ReleaseHandle) -> str:
-        """The address clients use for a release: the server's, unless it is bound to the server's loopback."""
-        if server == LOCAL or handle.host in LOOPBACK:
+    def address_of(self, server: str, handle: ReleaseHandle, bind: str | None = None) -> str:
+        """The address clients use for a release: the server's, unless it is bound to the server's loopback.
+
+        Here a wildcard `bind` is reported as such (Docker bound every interface); `handle.host`,
+        which health checks use, stays the loopback address that reaches it.
+        """
+        if server == LOCAL:
+            return bind if bind and bind in ANY_ADDRESS else handle.host
+        if handle.host in LOOPBACK:
             return handle.host
         return self.config.servers[server].host
 

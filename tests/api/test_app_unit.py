@@ -178,17 +178,6 @@ def engine(tmp_path: Path) -> FakeEngine:
     return fake
 
 
-@pytest.fixture
-async def app(engine: FakeEngine) -> web.Application:
-    return create_app(engine)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def client(app: web.Application) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
-
-
 def auth(token: str = ADMIN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
