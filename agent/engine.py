@@ -19,9 +19,10 @@ from typing import Any
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError, Conflict, NotFound, Unavailable
+from agent.errors import AgentError, Conflict, DiskFull, NotFound, Unavailable
 from agent.metrics import Metrics
 from agent.models import Deployment, DeploymentFilter, DeploymentSpec, new_deployment_id, utc_now
+from agent.policy import authorize_spec
 from agent.releases import ReleaseManager
 from agent.servers import Servers
 from agent.store import Application, Store
@@ -164,6 +165,7 @@ class Engine:
         """Records a deployment durably and wakes the scheduler; returns (deployment, created)."""
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
+        await self._raise_if_disk_low()
         record = self._new_record(spec)
         deployment, created = await self.store.insert(
             record,
@@ -240,6 +242,7 @@ class Engine:
         """Queues a new deployment that brings back the release of `deployment_id` (no build)."""
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
+        await self._raise_if_disk_low()
         target = await self.store.get(deployment_id)
         await self.releases.check_rollback_target(target)
         record = self._new_record(
@@ -262,7 +265,11 @@ class Engine:
     async def stop_application(self, name: str) -> ApplicationView:
         return await self._view(await self.releases.stop_application(name))
 
-    async def start_application(self, name: str) -> ApplicationView:
+    async def start_application(self, name: str, scopes: frozenset[str] | None = None) -> ApplicationView:
+        """Brings the current release back; a host-process one needs what submitting it did (403)."""
+        current = await self.store.get((await self.store.get_application(name)).deployment_id)
+        runtime_only = dataclasses.replace(current.spec, source=None, build=None)
+        await asyncio.to_thread(authorize_spec, runtime_only, self.config, scopes)
         return await self._view(await self.releases.start_application(name))
 
     async def _view(self, app: Application) -> ApplicationView:
@@ -289,6 +296,19 @@ class Engine:
             raise NotFound(f"server {name} is not configured (no [servers.{name}] in the config)")
         return await self.servers.check(name)
 
+    async def _raise_if_disk_low(self) -> None:
+        """DiskFull while free space in state_dir is below agent.min_free_bytes (checked on every intake)."""
+        minimum = self.config.agent.min_free_bytes
+        if not minimum:
+            return
+        free = await asyncio.to_thread(_free_bytes, self.config.agent.state_dir)
+        if free is not None and free < minimum:
+            raise DiskFull(
+                f"only {free} bytes are free in the state directory, below agent.min_free_bytes ({minimum}); "
+                "free some space: deployments are accepted again as soon as there is room",
+                details={"free_bytes": free, "min_free_bytes": minimum},
+            )
+
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:
             version = await asyncio.wait_for(self.targets.ping(), timeout=3)
@@ -296,6 +316,10 @@ class Engine:
             return False, {"reason": f"Docker engine unreachable: {getattr(exc, 'message', None) or 'timed out'}"}
         if not self._reconciled:
             return False, {"reason": "recovering the deployments of the previous run"}
+        try:
+            await self._raise_if_disk_low()
+        except DiskFull as exc:
+            return False, {"reason": exc.message}
         return True, {"docker": version, "running": len(self._running)}
 
     async def status_counts(self) -> dict[str, int]:
@@ -346,6 +370,14 @@ class Engine:
                 self._running.pop(deployment.id, None)
                 running.done.set()
                 self._wakeup.set()
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        usage = os.statvfs(directory)
+    except OSError:
+        return None
+    return usage.f_bavail * usage.f_frsize
+
 
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):

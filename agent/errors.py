@@ -26,6 +26,7 @@ ErrorType = Literal[
     "queue_full",
     "too_many_followers",
     "unavailable",
+    "disk_full",
     "internal_error",
     "config_error",
     # Deployments
@@ -174,6 +175,12 @@ class HttpStatusError(AgentError):
         super().__init__(message or phrase)
         self.status = status
         self.error_type = _HTTP_ERROR_TYPES.get(status, "http_error")
+
+
+class DiskFull(Unavailable):
+    """Free space in state_dir is below agent.min_free_bytes: nothing new is accepted until there is room."""
+
+    error_type = "disk_full"
 
 
 class ConfigError(AgentError):

@@ -98,7 +98,7 @@ class ReleaseManager:
             handle: ReleaseHandle | None = None
             try:
                 handle = await target.start_release(spec, log)
-                url = target.url_of(handle, spec.ports[0] if spec.ports else None)
+                url = target.url_of(handle, spec.ports[0] if spec.ports else None, spec.bind)
                 await self.store.update(
                     deployment.id, release=handle.to_dict(), pid=handle.pid, pid_started_at=handle.pid_started_at,
                     container_id=handle.container_id, url=url, stage="health",
@@ -204,7 +204,8 @@ class ReleaseManager:
         await target.promote(new_handle)
         await self.store.update(
             deployment.id, release=new_handle.to_dict(), pid=new_handle.pid, pid_started_at=new_handle.pid_started_at,
-            container_id=new_handle.container_id, url=target.url_of(new_handle, next(iter(handle.ports), None)),
+            container_id=new_handle.container_id,
+            url=target.url_of(new_handle, next(iter(handle.ports), None), _bind_of(deployment)),
         )
         return new_handle
 
@@ -358,7 +359,8 @@ class ReleaseManager:
         if current != handle:
             port = deployment.spec.run.port if deployment.spec.run else None
             await self.store.update(
-                deployment.id, release=current.to_dict(), pid=current.pid, url=target.url_of(current, port)
+                deployment.id, release=current.to_dict(), pid=current.pid,
+                url=target.url_of(current, port, _bind_of(deployment)),
             )
 
     async def close(self) -> None:
@@ -389,3 +391,8 @@ class _Kept:
     def origin(self) -> str:
         """The deployment whose release files this release runs from (itself, or a rollback's target)."""
         return self.deployment.release_from or self.deployment.id
+
+
+def _bind_of(deployment: Deployment) -> str | None:
+    """The host address the deployment's release was asked to listen on (its url reports a wildcard)."""
+    return deployment.spec.run.bind if deployment.spec.run else None

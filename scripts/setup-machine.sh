@@ -70,7 +70,7 @@ install_python() {
     log "creating virtualenv $venv"
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" -c 'import agent, pytest, pytest_asyncio, pytest_timeout' >/dev/null 2>&1 \
+  if ! "$venv/bin/python" -c 'import agent, pytest, pytest_asyncio, pytest_timeout, xdist' >/dev/null 2>&1 \
      || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
     log "installing deploy-agent and its test dependencies"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from agent.engine import Engine
 
 logger = structlog.get_logger("agent.api")
+RETRY_AFTER_S = 5
 
 
 def create_app(engine: "Engine") -> web.Application:
@@ -72,6 +73,9 @@ def error_response(error: AgentError, headers: dict[str, str] | None = None) -> 
     headers = dict(headers or {})
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if error.status in (429, 503):
+        # Pollers back off by it instead of hammering an agent that cannot take work now.
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
     return web.json_response(error.to_envelope(), status=error.status, headers=headers)
 
 

@@ -141,10 +141,8 @@ async def start_application(request: web.Request) -> web.Response:
     """202; starting a host-process release again needs what submitting it did (403 otherwise)."""
     engine = engine_of(request)
     await refuse_body(request, engine.config.agent.max_body_bytes)
-    name = request.match_info["name"]
-    current = await engine.get((await engine.get_application(name)).deployment_id)
-    authorize_spec(dataclasses.replace(current.spec, source=None, build=None), engine.config, request[TOKEN_SCOPES])
-    return web.json_response(application_json(await engine.start_application(name)), status=202)
+    started = await engine.start_application(request.match_info["name"], scopes=request[TOKEN_SCOPES])
+    return web.json_response(application_json(started), status=202)
 
 
 def application_json(app: ApplicationView) -> dict[str, Any]:

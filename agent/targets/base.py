@@ -19,6 +19,7 @@ from agent.health import HealthTarget
 from agent.logs import DeploymentLog, LogPolicy
 from agent.models import Deployment, RunSpec
 from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec, ReleaseState
+from agent.runtimes.docker.release import ANY_ADDRESS
 
 StopWork = Callable[[], Awaitable[object]]
 LOOPBACK_ADDRESS = "127.0.0.1"
@@ -70,8 +71,8 @@ class Place(Protocol):
     # reasons to retry the whole recovery, and its releases are settled in the background.
     may_be_away: bool
 
-    def address_of(self, handle: ReleaseHandle) -> str:
-        """The address clients use for the release."""
+    def address_of(self, handle: ReleaseHandle, bind: str | None = None) -> str:
+        """The address clients use for the release (`bind`: the host address it was asked to listen on)."""
 
     async def reach(self, handle: ReleaseHandle, port: int) -> HealthTarget | None:
         """Where the agent reaches `port` of the release, if it is published."""
@@ -82,8 +83,10 @@ class ThisHost:
 
     may_be_away = False
 
-    def address_of(self, handle: ReleaseHandle) -> str:
-        return handle.host
+    def address_of(self, handle: ReleaseHandle, bind: str | None = None) -> str:
+        # A wildcard bind is reported as such (Docker bound every interface); `handle.host`,
+        # which health checks use, stays the loopback address that reaches it.
+        return bind if bind is not None and bind in ANY_ADDRESS else handle.host
 
     async def reach(self, handle: ReleaseHandle, port: int) -> HealthTarget | None:
         host_port = handle.ports.get(port)
@@ -132,8 +135,8 @@ class Target(Protocol):
     async def health_target(self, handle: ReleaseHandle, port: int, run: RunSpec) -> HealthTarget | None:
         """Where the agent reaches `port` of the release to check it (through SSH when it must)."""
 
-    def url_of(self, handle: ReleaseHandle, port: int | None) -> str | None:
-        """The URL clients use for `port` of the release, if it is published."""
+    def url_of(self, handle: ReleaseHandle, port: int | None, bind: str | None = None) -> str | None:
+        """The URL clients use for `port` of the release, if it is published (`bind`: the run's bind address)."""
 
     async def last_output(self, handle: ReleaseHandle, lines: int) -> list[str]:
         """Its last output lines, for the error of a release that died."""
@@ -212,10 +215,10 @@ class TargetBase:
     async def health_target(self, handle: ReleaseHandle, port: int, run: RunSpec) -> HealthTarget | None:
         return await self.place.reach(handle, port)
 
-    def url_of(self, handle: ReleaseHandle, port: int | None) -> str | None:
+    def url_of(self, handle: ReleaseHandle, port: int | None, bind: str | None = None) -> str | None:
         if port is None or port not in handle.ports:
             return None
-        address = self.place.address_of(handle)
+        address = self.place.address_of(handle, bind)
         host = f"[{address}]" if ":" in address else address
         return f"http://{host}:{handle.ports[port]}"
 

@@ -55,7 +55,7 @@ class RemoteServer:
             )
         return self._docker
 
-    def address_of(self, handle: ReleaseHandle) -> str:
+    def address_of(self, handle: ReleaseHandle, bind: str | None = None) -> str:
         """The address clients use for a release: the server's, unless it is bound to the server's loopback."""
         return handle.host if handle.host in LOOPBACK else self.config.servers[self.name].host
 

@@ -149,7 +149,7 @@ class FakeEngine:
     async def stop_application(self, name: str) -> ApplicationView:
         return dataclasses.replace(await self.get_application(name), state="stopped")
 
-    async def start_application(self, name: str) -> ApplicationView:
+    async def start_application(self, name: str, scopes: frozenset[str] | None = None) -> ApplicationView:
         return await self.get_application(name)
 
     async def delete(self, deployment_id: str) -> None:
@@ -177,17 +177,6 @@ def engine(tmp_path: Path) -> FakeEngine:
     fake = FakeEngine(tmp_path / "state")
     fake.config.logs_dir.mkdir(parents=True)
     return fake
-
-
-@pytest.fixture
-async def app(engine: FakeEngine) -> web.Application:
-    return create_app(engine)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def client(app: web.Application) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
 
 
 def auth(token: str = ADMIN) -> dict[str, str]:

@@ -6,14 +6,13 @@ import asyncio
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 import agent.api.log_stream as log_stream
-from agent.api import create_app
 from agent.api.log_stream import followers_of
 from agent.config import TokenConfig, hash_token
 from agent.logs import DeploymentLog, LogPolicy
@@ -33,17 +32,6 @@ def engine(tmp_path: Path) -> FakeEngine:
     )
     fake.config.logs_dir.mkdir(parents=True)
     return fake
-
-
-@pytest.fixture
-async def app(engine: FakeEngine) -> web.Application:
-    return create_app(engine)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def client(app: web.Application) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
 
 
 async def eventually(check: Callable[[], Awaitable[Any] | Any], what: str, timeout_s: float = 5.0) -> Any:

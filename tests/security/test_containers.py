@@ -85,8 +85,16 @@ def test_build_containers_run_without_new_privileges(agent: AgentProcess, docker
     created = agent.submit(
         {"application": "job", "build": {"image": "local/busybox", "command": "grep NoNewPrivs /proc/self/status; sleep 5"}}
     )
-    containers = wait_until(lambda: containers_of(docker_client, created["id"]), 30, "no build container appeared")
-    assert_hardened(docker_client.containers.get(containers[0].id).attrs)
+
+    def build_container_attrs() -> dict[str, Any] | None:
+        for container in containers_of(docker_client, created["id"]):
+            try:
+                return docker_client.api.inspect_container(container.id)
+            except docker.errors.NotFound:
+                continue  # removed between the listing and the inspection
+        return None
+
+    assert_hardened(wait_until(build_container_attrs, 30, "no build container appeared"))
     final = agent.wait_for(created["id"], timeout=60)
     assert final["status"] == "succeeded", final
     assert "NoNewPrivs:\t1" in agent.log(created["id"])

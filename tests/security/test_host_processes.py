@@ -124,3 +124,28 @@ def test_a_changed_config_stops_a_queued_host_process(agent_factory: Callable[..
     assert FLAG in final["error"]["message"], final
     assert final["pid"] is None and final["url"] is None
     assert "ran-on-the-host" not in agent.log(queued["id"])
+
+
+def test_starting_a_host_process_application_again_needs_the_policy(agent_factory: Callable[..., AgentProcess]) -> None:
+    """A stopped host-process application: `start` and `rollback` are 403 for a write token, and for all once the flag is off."""
+    agent = agent_factory(extra_toml=PROCESS_TOKEN_TOML)
+    body = {
+        "application": "proc",
+        "build": {"image": "local/busybox", "command": "echo p > /workspace/index.html"},
+        "run": {"runtime": "process", "command": "exec busybox httpd -f -p $PORT -h ."},
+        "health_check": FAST_CHECK,
+    }
+    final = agent.wait_for(agent.submit(body, token=PROCESS_TOKEN)["id"], timeout=90)
+    assert final["status"] == "succeeded", (final, agent.log(final["id"])[-3000:])
+    assert agent.request("POST", "/v1/applications/proc/stop", token=WRITE_TOKEN).status_code == 202
+    assert_error(agent.request("POST", "/v1/applications/proc/start", token=WRITE_TOKEN), 403, "forbidden", naming=FLAG)
+    assert_error(agent.request("POST", f"/v1/deployments/{final['id']}/rollback", token=WRITE_TOKEN), 403, "forbidden", naming=FLAG)
+    assert agent.stop() == 0
+    agent.config_path.write_text(
+        agent.config_path.read_text().replace("allow_host_processes = true", "allow_host_processes = false")
+    )
+    agent.start()
+    for token in (PROCESS_TOKEN, ADMIN_TOKEN):
+        assert_error(agent.request("POST", "/v1/applications/proc/start", token=token), 403, "forbidden", naming=FLAG)
+        assert_error(agent.request("POST", f"/v1/deployments/{final['id']}/rollback", token=token), 403, "forbidden", naming=FLAG)
+    assert agent.request("GET", "/v1/applications/proc").json()["state"] == "stopped"

@@ -185,3 +185,22 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(agent_factory: Callable
                 closed = closed_by_peer(sock, time.monotonic() + 1)
         assert closed, "the agent kept a trickling request head open"
         assert time.monotonic() - began < 4
+
+
+# --- disk space --------------------------------------------------------------------------------
+
+
+def test_post_answers_503_disk_full_below_min_free_bytes(agent_factory: Callable[..., AgentProcess]) -> None:
+    """With less free space in state_dir than agent.min_free_bytes, POST is 503 disk_full with Retry-After; reads work."""
+    agent = agent_factory(start=False, min_free_bytes=2**60)
+    try:
+        agent.start(timeout=10)
+    except AssertionError:
+        # /healthz may rightly say the agent cannot take work; the daemon must still be up and answering.
+        assert agent.process is not None and agent.process.poll() is None, agent.output()
+    response = agent.request("POST", "/v1/deployments", json={"application": "job", "build": {
+        "image": "local/busybox", "command": "true"}})
+    assert_error(response, 503, "disk_full")
+    assert int(response.headers["Retry-After"]) >= 1
+    listed = agent.request("GET", "/v1/deployments")
+    assert listed.status_code == 200 and listed.json()["data"] == []

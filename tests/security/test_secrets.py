@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,6 +74,20 @@ def test_env_values_are_redacted_in_every_response(agent: AgentProcess) -> None:
         response = agent.request("GET", path, token=READ_TOKEN)
         assert response.status_code == 200, response.text
         assert BUILD_SECRET not in response.text and RUN_SECRET not in response.text
+    rollback = agent.request("POST", f"/v1/deployments/{deployment_id}/rollback", token=WRITE_TOKEN)
+    assert rollback.status_code == 201, rollback.text
+    assert_redacted(rollback.json(), rollback.text, {"API_KEY", "APP_MODE"})
+    agent.wait_for(rollback.json()["id"], timeout=90)
+
+
+def test_an_idempotent_replay_is_redacted_too(agent: AgentProcess) -> None:
+    """The 200 answer to a repeated Idempotency-Key shows `***` like the first 201."""
+    headers = {"Idempotency-Key": "replay-1"}
+    first = agent.request("POST", "/v1/deployments", json=secret_request(), headers=headers, token=WRITE_TOKEN)
+    again = agent.request("POST", "/v1/deployments", json=secret_request(), headers=headers, token=WRITE_TOKEN)
+    assert (first.status_code, again.status_code) == (201, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert_redacted(again.json(), again.text, {"DB_PASSWORD", "API_KEY"})
 
 
 def test_printed_secrets_are_masked_in_the_log(agent: AgentProcess) -> None:
@@ -156,3 +171,31 @@ def test_state_dir_is_readable_by_the_agent_alone(
             if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
                 bad.append((os.path.join(root, name), oct(stat.S_IMODE(info.st_mode))))
     assert bad == [], f"readable by group or others: {bad[:20]}"
+
+
+def test_secret_files_readable_by_others_are_warned_about(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """A config with plain tokens or an SSH identity file that group/others can read: a warning at start naming it."""
+    identity = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)], check=True)
+    identity.chmod(0o644)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    server = (f'\n[servers.edge]\nhost = "127.0.0.1"\nuser = "root"\nidentity_file = "{identity}"\n'
+              f'known_hosts = "{known_hosts}"\n')
+    loose = agent_factory("loose", start=False, extra_toml=server)
+    loose.config_path.chmod(0o644)
+    loose.start()
+    warnings = warning_lines(loose)
+    assert any(str(loose.config_path) in line for line in warnings), loose.output()
+    assert any(str(identity) in line for line in warnings), loose.output()
+    identity.chmod(0o600)
+    tight = agent_factory("tight", start=False, extra_toml=server)
+    tight.config_path.chmod(0o600)
+    tight.start()
+    assert not any(str(tight.config_path) in line or str(identity) in line for line in warning_lines(tight)), tight.output()
+
+
+def warning_lines(agent: AgentProcess) -> list[str]:
+    return [line for line in agent.output().splitlines() if "warn" in line.lower()]
