@@ -46,7 +46,8 @@ async def check_release(
     """
     if spec is None or target is None:
         initial = await state()
-        await _stay_up(state, initial, UNCHECKED_STABLE_S, log, None)
+        await _raise_if_dead(state, initial, log, None)
+        await _sleep_alive(state, initial, UNCHECKED_STABLE_S, log, None)
         return None
     started = time.monotonic()
     url = _url_of(spec, target)
@@ -82,7 +83,8 @@ async def check_release(
         raise ReleaseUnhealthy(message, smoke_test=smoke_test(False))
     if spec.stable_s:
         log.agent(STAGE, f"passed; the release must now stay up for {spec.stable_s:g}s")
-        await _stay_up(state, initial, spec.stable_s, log, smoke_test)
+        await _raise_if_dead(state, initial, log, smoke_test)
+        await _sleep_alive(state, initial, spec.stable_s, log, smoke_test)
     result = smoke_test(True)
     log.agent(STAGE, f"healthy after {result['duration_ms']} ms")
     return result
@@ -145,13 +147,3 @@ async def _sleep_alive(
         await asyncio.sleep(min(STATE_POLL_S, left))
         await _raise_if_dead(state, initial, log, smoke_test)
 
-
-async def _stay_up(
-    state: StateProbe,
-    initial: ReleaseState,
-    seconds: float,
-    log: DeploymentLog,
-    smoke_test: Callable[[bool], dict[str, Any]] | None,
-) -> None:
-    await _raise_if_dead(state, initial, log, smoke_test)
-    await _sleep_alive(state, initial, seconds, log, smoke_test)

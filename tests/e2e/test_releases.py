@@ -188,7 +188,8 @@ def test_pruning_beyond_retention(agent_factory, docker_client: docker.DockerCli
     """Only the last N release images are kept; a rollback to a pruned one is a 409 that says so."""
     agent = agent_factory("retention", releases={"retention": 2, "drain_s": 0})
     deployments = [deploy(agent, web_request(f"v{i}", application="pruned")) for i in range(4)]
-    images = {tag for image in docker_client.images.list("deploy-agent/pruned") for tag in image.tags}
+    ours = {f"deploy-agent/pruned:{d['id']}" for d in deployments}  # other runs' agents leave their own
+    images = {tag for image in docker_client.images.list("deploy-agent/pruned") for tag in image.tags} & ours
     assert images == {f"deploy-agent/pruned:{d['id']}" for d in deployments[-2:]}
     refused = agent.request("POST", f"/v1/deployments/{deployments[0]['id']}/rollback")
     assert refused.status_code == 409
