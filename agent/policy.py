@@ -14,10 +14,10 @@ from pathlib import Path
 from agent.config import Config
 from agent.errors import Forbidden
 from agent.models import DeploymentSpec
+from agent.specs import LOCAL_SERVER
 
 PROCESSES_SCOPE = "processes:write"
 ADMIN_SCOPE = "admin"
-LOCAL_SERVER = "local"
 
 # `scheme://...`, as git's is_url() reads it; any scheme but file fetches over a network.
 _URL_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -1,6 +1,6 @@
 """The configured remote servers, as `GET /v1/servers` shows them: reachable or not, and how fast.
 
-`LOCAL` names this host. What runs on a server is its target's business (agent.targets).
+What runs on a server is its target's business (agent.targets).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any
 from agent.config import Config
 from agent.ssh import SshConnections
 
-LOCAL = "local"
 PROBE_TIMEOUT_S = 15.0
 
 

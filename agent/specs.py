@@ -19,6 +19,7 @@ from pydantic import AfterValidator, ConfigDict, Field, PlainValidator, Strict, 
 
 from agent.validation import Between, invalid, parse_size, present_members, refuse
 
+LOCAL_SERVER = "local"  # the `server` that names this host
 # Every pattern is applied with fullmatch: `$` would let a trailing newline through.
 APPLICATION_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -79,7 +80,7 @@ def _check_image(reference: str) -> str:
 
 
 def _check_server(name: str, info: ValidationInfo) -> str:
-    if name != "local" and name not in (info.context or {}).get("servers", ()):
+    if name != LOCAL_SERVER and name not in (info.context or {}).get("servers", ()):
         invalid(f"unknown server {name!r}: not 'local' nor a [servers.*] name")
     return name
 
@@ -327,7 +328,7 @@ class DeploymentSpec(RequestObject):
     """What a client asked for, validated; the rest of the agent trusts it."""
 
     application: Annotated[str, Strict(), Field(min_length=1, max_length=63), AfterValidator(_check_application)]
-    server: Annotated[str, Strict(), Field(min_length=1, max_length=4096), AfterValidator(_check_server)] = "local"
+    server: Annotated[str, Strict(), Field(min_length=1, max_length=4096), AfterValidator(_check_server)] = LOCAL_SERVER
     source: SourceSpec | None = None
     build: BuildSpec | None = None
     run: RunSpec | None = None
@@ -342,7 +343,7 @@ class DeploymentSpec(RequestObject):
             problems.append(("health_check", "needs a run"))
         container_run_without_image = run is not None and run.runtime == "container" and run.image is None
         if build is not None and build.runtime == "process":
-            if self.server == "local":
+            if self.server == LOCAL_SERVER:
                 problems.append((
                     ("build", "runtime"),
                     "'process' builds run only on remote servers ([servers.*]) that have no Docker; "
@@ -384,7 +385,7 @@ class DeploymentSpec(RequestObject):
         health = data.get("health_check")
         return cls(
             application=data["application"],
-            server=data.get("server", "local"),
+            server=data.get("server", LOCAL_SERVER),
             source=SourceSpec(**source) if source else None,
             build=BuildSpec(**{**build, "command": command(build["command"])}) if build else None,
             run=RunSpec(**{**run, "command": command(run.get("command"))}) if run else None,

@@ -1,1 +1,1 @@
-"""Runtimes: the places a deployment's work runs (a Docker container today)."""
+"""Runtimes: the places a deployment's work runs (Docker containers, host processes, a remote shell); targets combine them."""

@@ -9,6 +9,8 @@ from typing import Any, Literal, Mapping, Protocol
 from agent.logs import DeploymentLog
 
 RELEASE_STAGE = "release"
+# Bind addresses that mean "every interface": the agent reaches such a release on loopback.
+ANY_ADDRESS = ("0.0.0.0", "", "::")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Builds and releases in Docker containers: one ContainerRuntime per Docker engine.
 
-ContainerRuntime is the face the engine and the release manager see; each job is done by one
+ContainerRuntime is the face the targets see; each job is done by one
 part in agent/runtimes/docker/: the gateway (client, thread pools, labels), builds, releases,
 release output and images. The event loop never waits on Docker.
 """

@@ -18,8 +18,7 @@ from agent.errors import BuildFailed, BuildTimedOut
 from agent.health import HealthTarget
 from agent.logs import DeploymentLog, LogPolicy
 from agent.models import Deployment, RunSpec
-from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec, ReleaseState
-from agent.runtimes.docker.release import ANY_ADDRESS
+from agent.runtimes.base import ANY_ADDRESS, ReleaseHandle, ReleaseRuntime, ReleaseSpec, ReleaseState
 
 StopWork = Callable[[], Awaitable[object]]
 LOOPBACK_ADDRESS = "127.0.0.1"

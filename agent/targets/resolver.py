@@ -12,7 +12,7 @@ from agent.config import Config
 from agent.models import Deployment
 from agent.runtimes.container import ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
-from agent.servers import LOCAL
+from agent.specs import LOCAL_SERVER
 from agent.ssh import SshConnections
 from agent.targets.base import Builder, Target
 from agent.targets.builds import ContainerBuilder, ProcessBuilder, ServerContainerBuilder
@@ -62,7 +62,7 @@ class Targets:
         spec = deployment.spec
         build: Kind = spec.build.runtime if spec.build is not None else "container"
         run: Kind = spec.run.runtime if spec.run is not None else build
-        if deployment.server == LOCAL:
+        if deployment.server == LOCAL_SERVER:
             return self._local[run]  # a build here always runs in a container
         key = (deployment.server, run, build)
         target = self._remote.get(key)

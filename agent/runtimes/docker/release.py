@@ -17,7 +17,7 @@ import docker
 
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
-from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
+from agent.runtimes.base import ANY_ADDRESS, RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.docker.gateway import (
     APPLICATION_LABEL,
     DEPLOYMENT_LABEL,
@@ -38,8 +38,6 @@ RELEASE_RESTART_POLICY = {"Name": "unless-stopped"}
 UNCHECKED_RESTART_POLICY = {"Name": "no"}
 # Docker keeps the release's output too, rotated, so that `docker logs` works for operators.
 RELEASE_LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}
-# Addresses that mean "every interface": the agent reaches such a release on loopback.
-ANY_ADDRESS = ("0.0.0.0", "", "::")
 # How long after a start Docker may take to report the published host ports.
 PORTS_PUBLISHED_S = 2.0
 _PORT_IN_USE = re.compile(r"(?:Bind for \S*:(\d+) failed: port is already allocated|listen \w+ \S*:(\d+): bind: address already in use)")
