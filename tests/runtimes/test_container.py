@@ -267,7 +267,8 @@ async def test_stop_deployment_touches_only_that_deployments_build_containers(
     ]
     try:
         assert await runtime.stop_deployment(deployment_id, grace_s=0) == 1
-        remaining = {container.id for container in docker_client.containers.list(all=True)}
+        # The low-level listing: containers.list inspects each one, and other tests remove theirs meanwhile.
+        remaining = {entry["Id"] for entry in docker_client.api.containers(all=True)}
         assert mine.id not in remaining
         assert all(container.id in remaining for container in others)
     finally:
@@ -371,7 +372,8 @@ async def test_remove_build_containers_removes_only_those_not_kept(
     try:
         removed = await runtime.remove_build_containers(keep=lambda deployment_id: deployment_id == kept)
         assert removed == [dropped]
-        remaining = {container.id for container in docker_client.containers.list(all=True)}
+        # The low-level listing: containers.list inspects each one, and other tests remove theirs meanwhile.
+        remaining = {entry["Id"] for entry in docker_client.api.containers(all=True)}
         assert dropped_container.id not in remaining
         assert {kept_container.id, release.id, foreign.id} <= remaining
     finally:
@@ -563,7 +565,8 @@ async def test_snapshot_containers_are_removed_by_the_build_sweeps(
     try:
         assert await runtime.stop_deployment(first, grace_s=0) == 1
         assert await runtime.remove_build_containers(keep=lambda deployment_id: deployment_id == first) == [second]
-        remaining = {container.id for container in docker_client.containers.list(all=True)}
+        # The low-level listing: containers.list inspects each one, and other tests remove theirs meanwhile.
+        remaining = {entry["Id"] for entry in docker_client.api.containers(all=True)}
         assert by_stop.id not in remaining and by_sweep.id not in remaining
         assert foreign.id in remaining
     finally:

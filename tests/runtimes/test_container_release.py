@@ -469,7 +469,7 @@ async def test_remove_copy_containers_removes_leftovers_of_this_instance_only(
     )
     try:
         assert await runtime.remove_copy_containers() == 1
-        remaining = {container.id for container in docker_client.containers.list(all=True)}
+        remaining = {entry["Id"] for entry in docker_client.api.containers(all=True)}
         assert mine.id not in remaining and foreign.id in remaining
     finally:
         for container in (mine, foreign):
