@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, PlainValidator, Strict, TypeAdapter
 from pydantic import ValidationError, ValidationInfo, model_validator
@@ -50,6 +50,7 @@ MESSAGES = {
     "greater_than": "must be greater than {gt:g}",
     "greater_than_equal": "must be {ge:g} or more",
     "string_too_short": "must not be empty",
+    "literal_error": "must be {expected}",
 }
 
 
@@ -236,6 +237,9 @@ class AgentSettings(Table):
     max_body_bytes: Count = 1024 * 1024
     kill_grace_s: Seconds = 10.0
     shutdown_grace_s: Seconds = 30.0
+    # On SIGTERM/SIGINT: "detach" leaves builds and releases running for the next start to
+    # re-adopt; "drain" waits up to shutdown_grace_s for them, then stops them.
+    on_stop: Literal["detach", "drain"] = "detach"
     default_build_timeout_s: Seconds = 600.0
     log_level: Annotated[str, Strict(), AfterValidator(_read_log_level)] = "info"
     # A deployment's log holds at most this much; beyond it output is counted, not written.

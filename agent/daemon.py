@@ -1,18 +1,20 @@
-"""The daemon's lifecycle in three visible phases: startup, main loop, shutdown."""
+"""The daemon's lifecycle in three visible phases: startup, main loop (with reloads), shutdown.
+
+What a reload may change lives in `agent.reload`; the state dir's privacy and the generated
+token in `agent.state_dir`; the warnings about the host in `agent.startup_checks`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import hashlib
+import logging
 import os
-import resource
-import secrets
 import signal
-import stat
 import sys
-import tomllib
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 from aiohttp import web
@@ -20,25 +22,29 @@ from aiohttp import web
 from agent import __version__, systemd
 from agent.api import create_app
 from agent.api.server import GuardedAppRunner, bound_address
-from agent.config import Config, TokenConfig, hash_token
+from agent.config import Config
 from agent.engine import Engine
 from agent.metrics import Metrics
 from agent.releases import ReleaseManager
+from agent.reload import reload_config, with_departed_servers
 from agent.runtimes.container import ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
 from agent.servers import Servers
 from agent.ssh import SshConnections
+from agent.startup_checks import raise_descriptor_limit, warn_about_readable_secrets
+from agent.state_dir import PRIVATE_UMASK, ensure_token, make_state_dir_private
 from agent.store import Store
+from agent.structured_logging import set_log_level
 from agent.targets.resolver import Targets
 
 logger = structlog.get_logger("agent.daemon")
 
-GENERATED_TOKEN_NAME = "local-admin"
 SWITCH_INTERVAL_S = 0.001
-# Whatever the agent creates under state_dir is its user's alone (directories 0700, files 0600).
-PRIVATE_UMASK = 0o077
 # File descriptors beyond the client connections: store, logs, Docker and SSH connections, pipes.
 SPARE_DESCRIPTORS = 512
+FORCED_EXIT_CODE = 130  # a second SIGINT, as a shell reports an interrupted command
+# Detaching must exit within 10 s: requests in flight get this long to finish.
+API_CLOSE_TIMEOUT_S = 3.0
 
 
 class Daemon:
@@ -46,21 +52,29 @@ class Daemon:
 
     It owns the store, the SSH connections, this host's runtimes, the targets, the release
     manager, the engine and the HTTP server: each is opened in `startup` and closed in
-    `shutdown`, in the reverse order.
+    `shutdown`, in the reverse order. Detaching (agent.on_stop = "detach", or a second SIGINT)
+    closes only the API: the rest is left as it is and the process ends (`exit_on_detach`,
+    on by default with `handle_signals`), so that no cleanup of a deployment's task stops
+    the work it leaves running.
     """
 
-    def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
+    def __init__(self, config: Config, *, handle_signals: bool = True, exit_on_detach: bool | None = None) -> None:
         self.config = config
         self.handle_signals = handle_signals
+        self.exit_on_detach = handle_signals if exit_on_detach is None else exit_on_detach
         self.should_exit = asyncio.Event()
         self.force_exit = False
+        self.detached = False
         self.engine: Engine | None = None
+        self._forced = asyncio.Event()
+        self._reload_requested = asyncio.Event()
         self._store: Store | None = None
         self._ssh: SshConnections | None = None
         self._containers: ContainerRuntime | None = None
         self._targets: Targets | None = None
         self._releases: ReleaseManager | None = None
         self._runner: web.AppRunner | None = None
+        self._heartbeat: systemd.Heartbeat | None = None
         self._previous_umask: int | None = None
         self.bound_address: str | None = None
 
@@ -69,10 +83,15 @@ class Daemon:
         try:
             await self.main_loop()
         finally:
-            await self.shutdown()
+            await self._shutdown_unless_forced()
+        if self.detached and self.exit_on_detach:
+            exit_now(FORCED_EXIT_CODE if self.force_exit else 0)
         return 0
 
     async def startup(self) -> None:
+        if self.handle_signals:
+            # First: a SIGHUP's default action (ending the process) must not apply during startup.
+            self._install_signal_handlers()
         # Log-stream threads hold the GIL in bursts; a short switch interval hands it back
         # to the event loop quickly, so the API stays responsive while builds stream.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -112,8 +131,8 @@ class Daemon:
         self.bound_address = bound_address(self._runner, listen.unix_path)
         if listen.unix_path:
             os.chmod(listen.unix_path, 0o660)
-        if self.handle_signals:
-            self._install_signal_handlers()
+        self._heartbeat = systemd.Heartbeat(self._probe, self._status)
+        self._heartbeat.start()
         systemd.notify("READY=1")
         logger.info(
             "agent started", version=__version__, listen=self.bound_address, state_dir=str(config.agent.state_dir)
@@ -134,20 +153,65 @@ class Daemon:
         return Engine(config, store, self._targets, self._releases, servers, Metrics())
 
     async def main_loop(self) -> None:
-        await self.should_exit.wait()
+        """Waits for a stop, reloading the config file on each SIGHUP meanwhile."""
+        while not self.should_exit.is_set():
+            waiters = [asyncio.ensure_future(self.should_exit.wait()), asyncio.ensure_future(self._reload_requested.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if self._reload_requested.is_set() and not self.should_exit.is_set():
+                self._reload_requested.clear()
+                await self.reload()
+
+    async def _shutdown_unless_forced(self) -> None:
+        """Runs `shutdown`; a second SIGINT meanwhile abandons it and detaches at once."""
+        stopping = asyncio.ensure_future(self.shutdown())
+        forced = asyncio.ensure_future(self._forced.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if stopping.done():
+            stopping.result()
+            return
+        self.detached = True
+        if self.exit_on_detach:
+            flush_output()
+            return  # run() ends the process, with the shutdown where it was
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
 
     async def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
-        logger.info("agent stopping")
-        counts: dict[str, int] = {}
+        on_stop = self.config.agent.on_stop
+        logger.info("agent stopping", on_stop=on_stop)
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
         if self.engine is not None:
-            self.engine.accepting = False
-            grace = 0.0 if self.force_exit else self.config.agent.shutdown_grace_s
-            counts = await self.engine.shutdown(grace)
+            self.engine.accepting = False  # POST answers 503 with Retry-After from here on
+        if on_stop == "detach" and self.engine is not None:
+            counts = await self.engine.detach()
+            await self._close_api()
+            self.detached = True
+            if self.exit_on_detach:
+                logger.info("agent stopped: builds and releases keep running for the next start", **counts)
+                flush_output()
+                return
+        counts = {} if self.engine is None or self.detached else await self.engine.shutdown(self.config.agent.shutdown_grace_s)
+        await self._close_parts()
+        logger.info("agent stopped", **counts)
+
+    async def _close_api(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            try:
+                # Bounded: a followed log stream must not hold the exit past its 10 s.
+                await asyncio.wait_for(runner.cleanup(), API_CLOSE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("the API did not close in time", timeout_s=API_CLOSE_TIMEOUT_S)
+
+    async def _close_parts(self) -> None:
         if self._releases is not None:
             await self._releases.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._close_api()
         if self._targets is not None:
             await self._targets.close()
         if self._ssh is not None:
@@ -158,126 +222,85 @@ class Daemon:
             await self._store.close()
         if self._previous_umask is not None:
             os.umask(self._previous_umask)  # the daemon may be embedded (tests)
-        logger.info("agent stopped", **counts)
+
+    # --- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Reads the config file again and applies it; an invalid file changes nothing (see agent.reload)."""
+        return await reload_config(self.config, self._apply)
+
+    def _apply(self, config: Config) -> None:
+        """Hands the new config to each part that reads settings while it runs."""
+        previous, self.config = self.config, config
+        if config.agent.log_level != previous.agent.log_level:
+            set_log_level(config.agent.log_level)
+        # Work in progress on a server that left the file still needs its address and keys.
+        operating = with_departed_servers(config, previous)
+        if self._ssh is not None:
+            self._ssh.update_servers(operating.servers)
+        if self._targets is not None:
+            self._targets.config = operating
+        if self._releases is not None:
+            self._releases.config = operating
+        if self.engine is not None:
+            # The API (tokens, limits, servers one may deploy to) reads the engine's config per request.
+            self.engine.config = self.engine.worker.config = self.engine.servers.config = config
+            self.engine.wake_scheduler()  # max_concurrent may have grown
+
+    # --- systemd ---------------------------------------------------------------------------
+
+    async def _probe(self) -> bool:
+        """The watchdog's health check: the scheduler runs and the store answers a query."""
+        if self.engine is None or not self.engine.is_scheduling():
+            return False
+        await self.engine.status_counts()
+        return True
+
+    async def _status(self) -> str:
+        assert self.engine is not None
+        queued = (await self.engine.status_counts()).get("queued", 0)
+        return f"{queued} queued, {self.engine.running_count()} running"
+
+    # --- signals ---------------------------------------------------------------------------
 
     def request_exit(self, sig: int | None = None) -> None:
-        """Signal handler body: only sets state. A second SIGINT forces a fast exit."""
+        """Signal handler body: only sets state. A second SIGINT forces an exit at once."""
         if self.should_exit.is_set() and sig == signal.SIGINT:
             self.force_exit = True
-            logger.warning("second interrupt: stopping running deployments now")
-            if self.engine is not None:
-                asyncio.ensure_future(self.engine.shutdown(0))
+            logger.warning("second interrupt: exiting now; running builds and releases are left running")
+            self._forced.set()
         self.should_exit.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP's handler body: the main loop reloads the config file."""
+        self._reload_requested.set()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_exit, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
 
-def ensure_token(config: Config) -> Config:
-    """With no configured token, uses (or creates) a random admin token in <state_dir>/token."""
-    if config.tokens:
-        return config
-    path = config.agent.state_dir / "token"
-    if path.exists():
-        token = path.read_text(encoding="utf-8").strip()
-        created = False
-    else:
-        token = secrets.token_urlsafe(32)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-        created = True
-    os.chmod(path, 0o600)
-    logger.info("no token configured: using a generated admin token", token_file=str(path.resolve()), created=created)
-    generated = TokenConfig(name=GENERATED_TOKEN_NAME, token_sha256=hash_token(token), scopes=frozenset({"admin"}))
-    return dataclasses.replace(config, tokens=(generated,))
+def flush_output() -> None:
+    """Flushes the log handlers and standard streams (before an exit that skips Python's own)."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
-def make_state_dir_private(state_dir: Path) -> None:
-    """Creates `state_dir` 0700 and takes group and other bits off what an older version left in it.
+def exit_now(code: int) -> NoReturn:
+    """Ends the process without unwinding the event loop's tasks.
 
-    The state dir and two levels below it (logs/*.log, run/<id>, ...) are fixed; deeper entries
-    are out of reach once their directories are 0700.
+    asyncio.run would cancel every deployment's task on the way out, and their cleanup would
+    remove the very build containers and releases that detaching leaves running.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o700)
-    for entry in _entries(state_dir):
-        _make_private(entry)
-        if entry.is_dir(follow_symlinks=False):
-            for child in _entries(Path(entry.path)):
-                _make_private(child)
+    flush_output()
+    os._exit(code)
 
-
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as entries:
-            return list(entries)
-    except OSError:
-        return []
-
-
-def _make_private(entry: os.DirEntry[str]) -> None:
-    try:
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode) or not mode & 0o077:
-            return  # a link's mode means nothing; a socket's is the API's own choice
-        os.chmod(entry.path, stat.S_IMODE(mode) & 0o700)
-    except OSError as exc:
-        logger.warning("cannot make a state file private", path=entry.path, error=exc.strerror or str(exc))
-
-
-def warn_about_readable_secrets(config: Config) -> None:
-    """Logs a warning for each file of secrets the agent reads that its group or others may read too."""
-    for path in _secret_files(config):
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            continue  # a missing identity file is reported when the server is used
-        if mode & 0o077:
-            logger.warning(
-                "secret file readable by others", path=str(path), mode=f"{mode:04o}",
-                hint=f"chmod 600 {path}",
-            )
-
-
-def _secret_files(config: Config) -> list[Path]:
-    files: list[Path] = []
-    if config.path is not None and _has_plain_tokens(config.path):
-        files.append(config.path)
-    for server in config.servers.values():
-        if server.identity_file:
-            files.append(Path(server.identity_file))
-    return files
-
-
-def _has_plain_tokens(path: Path) -> bool:
-    """Whether the config file holds a token itself (`token =`) rather than only its digest."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
-    tokens = data.get("auth", {}).get("tokens", []) if isinstance(data.get("auth"), dict) else []
-    return any(isinstance(entry, dict) and "token" in entry for entry in tokens if isinstance(tokens, list))
-
-
-def raise_descriptor_limit(wanted: int) -> None:
-    """Raises the soft limit on open files to the hard limit; warns when that is below `wanted`."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
-        if soft != resource.RLIM_INFINITY and target > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    except (OSError, ValueError) as exc:
-        logger.warning("cannot raise the open file limit", error=str(exc))
-        return
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        logger.warning(
-            "open file limit is low for agent.max_connections", limit=soft, wanted=wanted,
-            hint="raise LimitNOFILE (systemd) or ulimit -n, or lower agent.max_connections",
-        )
 
 
 def instance_label(config: Config) -> str:

@@ -3,7 +3,10 @@
 Scheduling is event-driven: a submit, a finished deployment or a kill wakes the
 scheduler, which starts the oldest queued deployment of every application that
 is not already running, up to `max_concurrent`. A worker (agent.worker) carries
-each one out.
+each one out; after a restart, `reconcile` hands it back what was left running.
+
+It runs past 400 lines because the requests, the lifecycle (start, reconcile, detach,
+shutdown) and the scheduler share the one table of running deployments.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import structlog
 
 from agent.config import Config
+from agent.disk import free_bytes
 from agent.errors import AgentError, Conflict, DiskFull, NotFound, Unavailable
 from agent.metrics import Metrics
 from agent.models import Deployment, DeploymentFilter, DeploymentSpec, new_deployment_id, utc_now
@@ -32,6 +36,8 @@ from agent.worker import RunningDeployment, Worker
 from agent.workspace import remove_workspace
 
 logger = structlog.get_logger("agent.engine")
+# How long reconcile waits for re-adopted builds to find their containers before it sweeps leftovers.
+ADOPTION_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,11 +114,27 @@ class Engine:
         await self._schedule_forever()
 
     async def reconcile(self) -> None:
-        """Ends deployments a previous run left in progress and removes their work."""
+        """Takes back the builds a previous run left running; ends its other interrupted deployments and removes their work.
+
+        A build whose target re-adopts builds goes on in the worker (`Worker.resume`), counted in
+        `_running` like any running deployment; one that cannot be taken back (a process build on a
+        server) is stopped and fails `agent_restarted`, as is a deployment left `deploying`.
+        """
         interrupted = await self.store.with_status("building", "deploying")
-        current = await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])
+        reconciled = await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])
+        adopted: list[RunningDeployment] = []
         for deployment in interrupted:
+            if deployment.id in self._running:
+                continue  # taken back by an earlier pass that failed later
+            if deployment.status == "building" and self.targets.for_deployment(deployment).reattaches_builds:
+                adopted.append(self._start(deployment, resume=True))
+                continue
             with structlog.contextvars.bound_contextvars(deployment_id=deployment.id):
+                if deployment.id in reconciled.promoted:
+                    # Already in service when the agent stopped: the release manager finished it.
+                    await self.worker.set_status(deployment.id, "succeeded", **reconciled.promoted[deployment.id])
+                    await remove_workspace(workspace_of(self.config, deployment.id))
+                    continue
                 removed = await self._stop_leftovers(deployment)
                 message = (
                     f"the agent stopped while this deployment was {deployment.status}; "
@@ -122,8 +144,10 @@ class Engine:
                     log.agent("recovery", message)
                 await self.worker.end(deployment.id, "failed", "agent_restarted", message)
                 await remove_workspace(workspace_of(self.config, deployment.id))
-        orphans = await self.targets.remove_leftovers(current)
-        logger.info("reconciled", interrupted=len(interrupted), orphan_containers=orphans)
+        # The sweep spares the containers of builds taken back: it runs once they are found again.
+        await _await_work_known(adopted)
+        orphans = await self.targets.remove_leftovers(reconciled.current)
+        logger.info("reconciled", interrupted=len(interrupted), readopted=len(adopted), orphan_containers=orphans)
 
     async def _stop_leftovers(self, deployment: Deployment) -> int:
         """Stops what an interrupted deployment left running; a remote server may be unreachable."""
@@ -133,13 +157,38 @@ class Engine:
             logger.warning("could not stop the leftovers of an interrupted deployment", error=exc.message)
             return 0
 
-    async def shutdown(self, grace_s: float) -> dict[str, int]:
-        """Stops intake, lets running deployments finish within `grace_s`, stops the rest."""
+    async def detach(self) -> dict[str, int]:
+        """Stops intake and scheduling, and leaves running deployments exactly as they are.
+
+        Their builds and releases keep running and their status stays building/deploying, for
+        the next start to re-adopt. Their tasks are neither cancelled nor told to stop: either
+        would run their cleanup (the build container removed, the release rolled back, the
+        workspace deleted). The daemon ends the process with them suspended instead, as a
+        SIGKILL would; every status and log line they wrote is already on disk.
+        """
+        await self._stop_scheduling()
+        counts = {"detached": len(self._running)}
+        logger.info("engine detached", **counts)
+        return counts
+
+    def is_scheduling(self) -> bool:
+        """Whether the scheduler task is alive (the systemd watchdog pings only while it is)."""
+        return self._scheduler is not None and not self._scheduler.done()
+
+    def wake_scheduler(self) -> None:
+        """Runs a scheduling pass now (after a reload that may have raised max_concurrent)."""
+        self._wakeup.set()
+
+    async def _stop_scheduling(self) -> None:
         self.accepting = False
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
+
+    async def shutdown(self, grace_s: float) -> dict[str, int]:
+        """Stops intake, lets running deployments finish within `grace_s`, stops the rest."""
+        await self._stop_scheduling()
         running = list(self._running.values())
         drained = 0
         if running:
@@ -301,7 +350,7 @@ class Engine:
         minimum = self.config.agent.min_free_bytes
         if not minimum:
             return
-        free = await asyncio.to_thread(_free_bytes, self.config.agent.state_dir)
+        free = await asyncio.to_thread(free_bytes, self.config.agent.state_dir)
         if free is not None and free < minimum:
             raise DiskFull(
                 f"only {free} bytes are free in the state directory, below agent.min_free_bytes ({minimum}); "
@@ -320,7 +369,9 @@ class Engine:
             await self._raise_if_disk_low()
         except DiskFull as exc:
             return False, {"reason": exc.message}
-        return True, {"docker": version, "running": len(self._running)}
+        # Shown to token holders only: how host-process releases are kept together (and killed).
+        isolation = await self.targets.process_isolation()
+        return True, {"docker": version, "running": len(self._running), "process_isolation": isolation}
 
     async def status_counts(self) -> dict[str, int]:
         return await self.store.status_counts()
@@ -357,26 +408,47 @@ class Engine:
                 blocked.add(deployment.application)
                 continue
             blocked.add(deployment.application)
-            running = RunningDeployment(deployment.id, deployment.application)
-            self._running[deployment.id] = running
-            running.task = asyncio.create_task(self._run(deployment, running), name=f"deployment-{deployment.id}")
+            if not await self.targets.ready(deployment, on_ready=self._wakeup.set):
+                continue  # its Docker engine is unreachable: it waits, and the gate wakes us when it is back
+            self._start(deployment)
             capacity -= 1
 
-    async def _run(self, deployment: Deployment, running: RunningDeployment) -> None:
+    def _start(self, deployment: Deployment, *, resume: bool = False) -> RunningDeployment:
+        """Runs the deployment (`resume`: its interrupted build taken back) as a task counted in `_running`.
+
+        A re-adopted deployment counts against max_concurrent and blocks its application's
+        queue like any other running one.
+        """
+        running = RunningDeployment(deployment.id, deployment.application)
+        self._running[deployment.id] = running
+        running.task = asyncio.create_task(self._run(deployment, running, resume), name=f"deployment-{deployment.id}")
+        return running
+
+    async def _run(self, deployment: Deployment, running: RunningDeployment, resume: bool = False) -> None:
         with structlog.contextvars.bound_contextvars(deployment_id=deployment.id, application=deployment.application):
             try:
-                await self.worker.carry_out(deployment, running)
+                if resume:
+                    await self.worker.resume(deployment, running)
+                else:
+                    await self.worker.carry_out(deployment, running)
             finally:
                 self._running.pop(deployment.id, None)
                 running.done.set()
                 self._wakeup.set()
 
-def _free_bytes(directory: Path) -> int | None:
-    try:
-        usage = os.statvfs(directory)
-    except OSError:
-        return None
-    return usage.f_bavail * usage.f_frsize
+async def _await_work_known(adopted: list[RunningDeployment]) -> None:
+    """Waits until each re-adopted deployment has found its build's work again or ended (at most ADOPTION_WAIT_S)."""
+
+    async def one(running: RunningDeployment) -> None:
+        waiters = {asyncio.ensure_future(running.work_known.wait()), asyncio.ensure_future(running.done.wait())}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    if adopted:
+        await asyncio.wait([asyncio.ensure_future(one(running)) for running in adopted], timeout=ADOPTION_WAIT_S)
 
 
 def _unlink(path: Path) -> None:

@@ -38,6 +38,8 @@ ErrorType = Literal[
     "cancelled",
     "agent_shutdown",
     "agent_restarted",
+    "lost",
+    "docker_unavailable",
     # Servers (agent.ssh)
     "server_unreachable",
     "host_key_rejected",
@@ -230,6 +232,12 @@ class BuildTimedOut(DeploymentFailure):
     """The build ran past its timeout and was killed."""
 
     error_type = "timeout"
+
+
+class WorkLost(AgentError):
+    """After a restart: the container or process of an interrupted deployment vanished while the agent was away."""
+
+    error_type = "lost"
 
 
 class ReleaseUnhealthy(DeploymentFailure):

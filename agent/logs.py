@@ -4,11 +4,18 @@ Writers append as output arrives and never hold a whole log in memory; readers
 serve a tail, a byte range, or follow the file as it grows. Every line a writer
 appends is masked by its `LogPolicy` (no value of the deployment's env appears),
 and the file stops growing at the policy's cap (further output is counted, and
-one line says how much was dropped).
+one line says how much was dropped). A write that fails (a full disk) is counted
+too, never raised: the caller asks the writer's `write_error`.
+
+It runs past 400 lines for a reason: the writer and the readers share one line
+format and its growth notices, which belong together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import re
 import threading
@@ -17,7 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import structlog
+
 from agent.models import DeploymentSpec, utc_now
+
+logger = structlog.get_logger("agent.logs")
 
 # A line longer than this is cut into pieces so that one endless line cannot grow memory.
 MAX_LINE_BYTES = 64 * 1024
@@ -201,6 +212,12 @@ class DeploymentLog:
     Several writers (in this and other processes) may append to one file: the cap is decided on
     the file's real size before each write. Once a line does not fit, this writer writes nothing
     more and only counts; `close` then adds one `agent` line saying how many bytes it dropped.
+
+    Writing never raises into the caller: a write that fails (ENOSPC, EIO, ...) is reported once
+    (a warning, and `write_error` from then on), and from then on output lines are only counted,
+    not written; `agent` lines are still tried, so that the log says how the deployment ended
+    when there is room again. Whoever feeds this writer must keep reading its source (a build's
+    output stream) whatever `write_error` says: a reader that stops leaves the producer blocked.
     """
 
     def __init__(self, path: Path, policy: LogPolicy = DEFAULT_POLICY) -> None:
@@ -209,31 +226,53 @@ class DeploymentLog:
         self.mask = Masker(policy.secrets)
         self._key = _key_of(self.path)
         self._lock = threading.Lock()
+        self._closed = False
         self._dropped = 0
         self._dropped_stage = ""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
-        self._file = open(descriptor, "ab", buffering=0)
+        self._write_error: OSError | None = None
+        self._unwritten = 0  # bytes lost to failed writes (not to the cap)
+        self._last_stage = "done"
+        self._note_pending = False
+        # A write cut short left a line without its newline: the next write starts with one.
+        self._torn = False
+        self._file: io.FileIO | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+            self._file = open(descriptor, "ab", buffering=0)
+        except OSError as exc:
+            self._failed(exc)
 
     @property
     def dropped_bytes(self) -> int:
-        """How many bytes of output this writer counted instead of writing."""
-        return self._dropped
+        """How many bytes of output this writer counted instead of writing (over the cap, or lost to failed writes)."""
+        return self._dropped + self._unwritten
 
     @property
     def full(self) -> bool:
-        """Whether this writer has stopped writing: the log reached its cap, and output is only counted."""
-        return self._dropped > 0
+        """Whether this writer has stopped writing output: the log reached its cap, or a write failed."""
+        return self._dropped > 0 or self._write_error is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def write_error(self) -> OSError | None:
+        """The first write of this writer that failed (e.g. ENOSPC), or None while every write succeeded."""
+        return self._write_error
 
     def count_dropped(self, stage: str, byte_count: int) -> None:
         """Counts output of a full log as dropped without having read it (e.g. a remote file's new bytes)."""
         if byte_count <= 0:
             return
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 return
-            if not self._dropped:
-                _listeners.note_pending(self._key, 1)
+            if self._write_error is not None and not self._dropped:
+                self._unwritten += byte_count
+                return
+            self._mark_note_pending()
             self._dropped += byte_count
             self._dropped_stage = stage
 
@@ -245,9 +284,12 @@ class DeploymentLog:
             return
         prefix = f"{utc_now()} {stage} {stream} | "
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 return
-            room = 0 if self._dropped else self.policy.max_bytes - os.fstat(self._file.fileno()).st_size
+            if self._write_error is not None and stream != "agent":
+                self._unwritten += sum(len(prefix.encode("utf-8")) + 1 + len(line.encode("utf-8")) for line in lines)
+                return
+            room = 0 if self._dropped else self.policy.max_bytes - self._size()
             kept: list[bytes] = []
             for index, line in enumerate(lines):
                 data = f"{prefix}{self.mask(line)}\n".encode("utf-8")
@@ -256,16 +298,59 @@ class DeploymentLog:
                     break
                 kept.append(data)
                 room -= len(data)
-            if not kept:
+            self._last_stage = stage
+            if not kept or not self._append(b"".join(kept)):
                 return
-            self._file.write(b"".join(kept))
         _listeners.notify(self._key)
+
+    def _size(self) -> int:
+        if self._file is None:
+            return 0
+        try:
+            return os.fstat(self._file.fileno()).st_size
+        except OSError:
+            return 0
+
+    def _append(self, data: bytes) -> bool:
+        """Writes all of `data`, continuing a short write; on failure counts the rest. True when all of it is written."""
+        if self._file is None:
+            self._unwritten += len(data)
+            return False
+        if self._torn:
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            try:
+                written = self._file.write(view)
+                if not written:
+                    # No progress at all: the disk refuses more, as a full one does.
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as exc:
+                self._torn = self._torn or len(view) < len(data)
+                self._unwritten += len(view)
+                self._failed(exc)
+                return False
+            view = view[written:]
+        self._torn = False
+        return True
+
+    def _failed(self, exc: OSError) -> None:
+        if self._write_error is not None:
+            return
+        self._write_error = exc
+        self._mark_note_pending()
+        logger.warning("writing a deployment log failed; its output is counted, not written", path=str(self.path),
+                       error=str(exc))
+
+    def _mark_note_pending(self) -> None:
+        if not self._note_pending:
+            self._note_pending = True
+            _listeners.note_pending(self._key, 1)
 
     def _drop(self, stage: str, prefix: str, lines: list[str], first_bytes: int) -> None:
         # Counted unmasked: masking output that is thrown away would only cost time.
         overhead = len(prefix.encode("utf-8")) + 1
-        if not self._dropped:
-            _listeners.note_pending(self._key, 1)
+        self._mark_note_pending()
         self._dropped += first_bytes + sum(overhead + len(line.encode("utf-8")) for line in lines[1:])
         self._dropped_stage = stage
 
@@ -274,20 +359,30 @@ class DeploymentLog:
         self.write(stage, "agent", message)
 
     def close(self) -> None:
-        """Closes the file, first noting how much output was dropped, if any; closing twice is fine."""
+        """Closes the file, first noting how much output was dropped or lost, if any; closing twice is fine."""
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 return
+            self._closed = True
             try:
+                notes = []
                 if self._dropped:
-                    note = (
+                    notes.append(
                         f"{utc_now()} {self._dropped_stage} agent | {self._dropped} bytes of output dropped: "
                         f"the log reached agent.max_log_bytes ({self.policy.max_bytes} bytes)\n"
                     )
-                    self._file.write(note.encode("utf-8"))
+                if self._write_error is not None:
+                    notes.append(
+                        f"{utc_now()} {self._last_stage} agent | {self._unwritten} bytes of output "
+                        f"could not be written to the log: {self._write_error.strerror or self._write_error}\n"
+                    )
+                if notes:
+                    self._append("".join(notes).encode("utf-8"))
             finally:
-                self._file.close()
-                if self._dropped:
+                if self._file is not None:
+                    with contextlib.suppress(OSError):
+                        self._file.close()
+                if self._note_pending:
                     _listeners.note_pending(self._key, -1)
         _listeners.notify(self._key)
 

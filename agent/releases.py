@@ -4,6 +4,16 @@ The previous release of an application is stopped only after the new one
 passes its health check. With a fixed host port the two cannot overlap: the old
 one is stopped first and started again if the new one fails. Where a release runs
 is its target's business (agent.targets); this module only calls it.
+
+Kill and crash follow one rule, the switch (the application pointing at the new
+deployment) plus draining being the line. A kill before the previous release has
+drained undoes everything: the application points at the previous deployment again
+and the new release is removed (`cancelled`). After it only cleanup is left, which
+a kill does not interrupt (the deployment succeeds). A crash before the switch
+removes the new release after the restart (`failed`, `agent_restarted`); a crash
+after it keeps the new release running untouched, finishes the cleanup, and the
+deployment `succeeded`. That recovery after a restart is agent.release_recovery's,
+retention agent.retention's; both use this module's steps and per-application lock.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import structlog
 
@@ -22,6 +32,8 @@ from agent.health import HealthTarget, check_release
 from agent.logs import DeploymentLog, LogPolicy
 from agent.models import Deployment
 from agent.runtimes.base import ReleaseHandle
+from agent.release_recovery import Reconciled, ReleaseRecovery
+from agent.retention import Retention
 from agent.store import Application, Store
 from agent.targets.base import Target
 from agent.targets.resolver import Targets
@@ -30,8 +42,6 @@ logger = structlog.get_logger("agent.releases")
 
 STAGE = "release"
 LAST_OUTPUT_LINES = 10
-REMOTE_RETRY_S = 5.0
-MAX_REMOTE_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class _Release:
 
     deployment: Deployment
     handle: ReleaseHandle
+    running: bool = True  # False: the application was stopped
 
 
 class ReleaseManager:
@@ -51,7 +62,8 @@ class ReleaseManager:
         self.targets = targets
         # One lock per application, kept only while someone holds or waits for it.
         self._locks: dict[str, _HeldLock] = {}
-        self._remote_reconciler: asyncio.Task[None] | None = None
+        self.retention = Retention(config, store, targets)
+        self.recovery = ReleaseRecovery(self)
 
     @contextlib.asynccontextmanager
     async def lock(self, application: str) -> AsyncIterator[None]:
@@ -72,7 +84,7 @@ class ReleaseManager:
         held = self._locks.get(application)
         return held is not None and held.lock.locked()
 
-    def _log_policy(self, deployment: Deployment) -> LogPolicy:
+    def log_policy(self, deployment: Deployment) -> LogPolicy:
         """The deployment's log policy, for writers (and release followers) opened here."""
         return LogPolicy.for_spec(deployment.spec, self.config.agent.max_log_bytes)
 
@@ -81,22 +93,34 @@ class ReleaseManager:
     async def deploy(
         self, deployment: Deployment, target: Target, log: DeploymentLog, image: str | None
     ) -> dict[str, Any]:
-        """Starts, checks and promotes the release on `target`; returns the deployment's fields on success."""
+        """Starts, checks and promotes the release on `target`; returns the deployment's fields on success.
+
+        A kill (this task cancelled) is honoured until the previous release has drained: the new
+        release is removed, the application points at the previous one again, which keeps serving
+        (or starts again when it made room for a fixed port), and the cancellation goes on. After
+        that point only cleanup remains, and it is finished whatever arrives: the previous release
+        (running or stopped) is removed, retention is settled, and the deployment succeeds; a kill
+        then is too late, like one after the final status.
+        """
         run = deployment.spec.run
         assert run is not None
         async with self.lock(deployment.application):
             spec = await target.prepare_release(deployment, log, image)
             previous = await self._current_release(deployment.application)
             fixed_port = target.fixed_port(run)
-            stopped_previous = False
-            if previous is not None and fixed_port is not None and fixed_port in previous.handle.ports.values():
-                log.agent(
-                    STAGE, f"stopping the previous release {previous.deployment.id} to free host port {fixed_port}"
-                )
-                await self.targets.for_deployment(previous.deployment).stop_release(previous.handle)
-                stopped_previous = True
+            holds_port = previous is not None and previous.running and fixed_port in previous.handle.ports.values()
+            # Only a serving previous release drains; the switch to the new one is undone with it.
+            serving = previous if previous is not None and previous.running and not holds_port else None
             handle: ReleaseHandle | None = None
+            switched = False
             try:
+                if holds_port:
+                    assert previous is not None
+                    log.agent(
+                        STAGE, f"stopping the previous release {previous.deployment.id} to free host port {fixed_port}"
+                    )
+                    if await _to_the_end(self.targets.for_deployment(previous.deployment).stop_release(previous.handle)):
+                        raise asyncio.CancelledError()  # killed meanwhile: the undo starts it again
                 handle = await target.start_release(spec, log)
                 url = target.url_of(handle, spec.ports[0] if spec.ports else None, spec.bind)
                 await self.store.update(
@@ -111,33 +135,72 @@ class ReleaseManager:
                     lambda: target.release_state(started),
                     log,
                 )
+                await target.promote(handle)
+                # Kept now: a restart that finds the release already in service ends it with these.
+                await self.store.update(deployment.id, smoke_test=smoke_test, release_image=spec.image or image)
+                if serving is not None:
+                    # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
+                    switched = True
+                    await self._switch(deployment, log)
+                    await self._drain(serving, log)
             except BaseException as exc:
-                # Read the dying release's last output before removing it.
-                failure = await self._explain(exc, target, handle, log) if isinstance(exc, ReleaseUnhealthy) else None
-                await asyncio.shield(self._undo(deployment, target, handle, previous, stopped_previous, log))
+                try:
+                    # Read the dying release's last output before removing it.
+                    failure = await self._explain(exc, target, handle, log) if isinstance(exc, ReleaseUnhealthy) else None
+                finally:
+                    await _to_the_end(self._undo(deployment, target, handle, previous, holds_port, switched, log))
                 if failure is not None:
                     raise failure from None
                 raise
-            await target.promote(handle)
-            # Switch first, then drain: clients that looked up the old URL a moment ago still get answers.
-            await self.store.set_application(deployment.application, deployment.id, "running")
-            log.agent(STAGE, "the new release is in service")
-            if previous is not None:
-                await self._retire(previous, drain=not stopped_previous, log=log)
+            await self._finish_uninterrupted(
+                self._finish(deployment, target, previous, switched=switched, log=log, image=spec.image or image)
+            )
             return {
                 "pid": handle.pid, "pid_started_at": handle.pid_started_at, "container_id": handle.container_id,
                 "url": url, "smoke_test": smoke_test, "release": handle.to_dict(), "release_image": spec.image or image,
                 "stage": None,
             }
 
-    async def _retire(self, previous: _Release, *, drain: bool, log: DeploymentLog) -> None:
-        """Removes the release the new one replaced, after letting it drain."""
-        old = previous.deployment
-        if drain and self.config.releases.drain_s:
-            log.agent(STAGE, f"draining the previous release {old.id} for {self.config.releases.drain_s:g}s")
+    async def _finish_uninterrupted(self, work: Awaitable[None]) -> None:
+        """Finishes `work` even when this task is cancelled meanwhile; such a cancellation is then spent."""
+        cancels = await _to_the_end(work)
+        task = asyncio.current_task()
+        for _ in range(cancels):
+            if task is not None:
+                task.uncancel()
+        if cancels:
+            logger.info("a stop request arrived after the release was put into service; it was finished instead")
+
+    async def _switch(self, deployment: Deployment, log: DeploymentLog) -> None:
+        await self.store.set_application(deployment.application, deployment.id, "running")
+        log.agent(STAGE, "the new release is in service")
+
+    async def _drain(self, previous: _Release, log: DeploymentLog) -> None:
+        if self.config.releases.drain_s:
+            log.agent(STAGE, f"draining the previous release {previous.deployment.id} for {self.config.releases.drain_s:g}s")
             await asyncio.sleep(self.config.releases.drain_s)
+
+    async def _finish(
+        self, deployment: Deployment, target: Target, previous: _Release | None, *, switched: bool,
+        log: DeploymentLog, image: str | None,
+    ) -> None:
+        """What remains once nothing is undone: the switch, removing the previous release, retention."""
+        if not switched:
+            await self._switch(deployment, log)
+        if previous is not None:
+            try:
+                await self.remove_replaced(previous.deployment, previous.handle, log)
+            except AgentError as exc:
+                # The new release serves: failing now would misreport that. A restart's sweep retries.
+                log.agent(STAGE, f"could not remove the previous release {previous.deployment.id}: {exc.message}")
+                logger.warning("removing the previous release failed", deployment_id=previous.deployment.id,
+                               error=exc.message)
+        await self.retention.settle(deployment, target, log, image)
+
+    async def remove_replaced(self, old: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> None:
+        """Removes the release of `old`, a deployment the application no longer points at."""
         log.agent(STAGE, f"removing the previous release {old.id}")
-        await self.targets.for_deployment(old).remove_release(previous.handle)
+        await self.targets.for_deployment(old).remove_release(handle)
         await self.store.update(old.id, pid=None)
 
     async def _undo(
@@ -147,9 +210,12 @@ class ReleaseManager:
         handle: ReleaseHandle | None,
         previous: _Release | None,
         stopped_previous: bool,
+        switched: bool,
         log: DeploymentLog,
     ) -> None:
-        """Removes a release that will not be promoted and brings back the one it displaced."""
+        """Points the application back at the previous release, removes the new one, brings back what it displaced."""
+        if switched and previous is not None:
+            await self.store.set_application(deployment.application, previous.deployment.id, "running")
         if handle is not None:
             await target.remove_release(handle)
             await self.store.update(deployment.id, pid=None, stage=None)
@@ -157,7 +223,7 @@ class ReleaseManager:
         if previous is not None and stopped_previous:
             log.agent(STAGE, f"starting the previous release {previous.deployment.id} again")
             await self.resume(previous.deployment, previous.handle)
-        elif previous is not None:
+        elif previous is not None and previous.running:
             log.agent(STAGE, f"the previous release {previous.deployment.id} keeps serving")
 
     async def _health_target(
@@ -185,21 +251,22 @@ class ReleaseManager:
         return failure.with_message(log.mask(message))
 
     async def _current_release(self, application: str) -> _Release | None:
+        """The application's current release, running or stopped (a stopped one is replaced too)."""
         try:
             app = await self.store.get_application(application)
             current = await self.store.get(app.deployment_id)
         except NotFound:
             return None
-        if app.state != "running" or current.release is None:
+        if current.release is None:
             return None
-        return _Release(current, ReleaseHandle.from_dict(current.release))
+        return _Release(current, ReleaseHandle.from_dict(current.release), running=app.state == "running")
 
     # --- applications ----------------------------------------------------------------------
 
     async def resume(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseHandle:
         """Starts a stopped release of `deployment` again and records its new handle."""
         target = self.targets.for_deployment(deployment)
-        with DeploymentLog(Path(deployment.log_path), self._log_policy(deployment)) as log:
+        with DeploymentLog(Path(deployment.log_path), self.log_policy(deployment)) as log:
             new_handle = await target.resume_release(deployment, handle, log)
         await target.promote(new_handle)
         await self.store.update(
@@ -261,115 +328,18 @@ class ReleaseManager:
         self, deployment: Deployment, target: Target, log: DeploymentLog | None = None, *, promoted: bool = False,
         image: str | None = None,
     ) -> list[str]:
-        """Keeps the release images (and release files) of the application's last N succeeded releases.
-
-        Images are pruned where `deployment` runs (`target`). With `promoted`, `deployment`
-        (releasing `image`) was just put into service and counts first, although its status is
-        not `succeeded` yet.
-        """
-        application = deployment.application
-        releases = [_Kept(d, d.release_image) for d in await self.store.succeeded_releases(application)]
-        if promoted:
-            releases = [_Kept(deployment, image)] + [r for r in releases if r.deployment.id != deployment.id]
-        keep = releases[: self.config.releases.retention]
-        try:
-            current = (await self.store.get_application(application)).deployment_id
-        except NotFound:
-            current = None
-        kept_images = {r.image for r in keep if r.image}
-        kept_images |= {r.image for r in releases if r.deployment.id == current and r.image}
-        recorded = {r.image for r in releases if r.image}
-        removed = await target.prune_images(application, kept_images, recorded)
-        kept_ids = {r.deployment.id for r in keep} | {current}
-        # A rollback runs from its target's files: those stay while either is kept.
-        kept_origins = {r.origin for r in releases if r.deployment.id in kept_ids}
-        for old in releases[len(keep):]:
-            if old.deployment.id not in kept_ids:
-                await self.targets.for_deployment(old.deployment).remove_release_files(old.deployment, kept_origins)
-        if removed and log is not None:
-            log.agent(STAGE, f"pruned {len(removed)} old release image(s): {', '.join(removed)}")
-        return removed
+        """Keeps the release images and files of the application's last N releases (agent.retention)."""
+        return await self.retention.prune(deployment, target, log, promoted=promoted, image=image)
 
     # --- after a restart -------------------------------------------------------------------
 
-    async def reconcile(self, interrupted: list[Deployment]) -> set[str]:
-        """Removes releases of interrupted deployments and makes sure current releases serve.
-
-        Returns the deployments of the current releases. Releases whose place may be away (a
-        remote server) are settled in the background: it must not hold up this host's deployments.
-        """
-        for deployment in interrupted:
-            if deployment.release is None:
-                continue
-            target = self.targets.for_deployment(deployment)
-            try:
-                await target.remove_release(ReleaseHandle.from_dict(deployment.release), immediately=True)
-            except AgentError as exc:
-                if not target.may_be_away:
-                    raise  # Docker down here: reconciliation is retried as a whole
-                logger.warning("could not remove the release of an interrupted deployment",
-                               deployment_id=deployment.id, server=deployment.server, error=exc.message)
-        current: set[str] = set()
-        later: list[str] = []
-        for app in await self.store.list_applications():
-            current.add(app.deployment_id)
-            deployment = await self.store.get(app.deployment_id)
-            if app.state != "running" or deployment.release is None:
-                continue
-            if self.targets.for_deployment(deployment).may_be_away:
-                later.append(app.name)
-                continue
-            await self._settle_current(deployment)
-        if later and self._remote_reconciler is None:
-            self._remote_reconciler = asyncio.create_task(self._reconcile_later(later), name="remote-reconcile")
-        return current
-
-    async def _reconcile_later(self, applications: list[str]) -> None:
-        """Settles the current release of each application, retrying those whose server is away."""
-        delay = REMOTE_RETRY_S
-        pending = list(applications)
-        while pending:
-            failed: list[str] = []
-            for name in pending:
-                try:
-                    async with self.lock(name):
-                        app = await self.store.get_application(name)
-                        deployment = await self.store.get(app.deployment_id)
-                        if app.state == "running" and deployment.release is not None:
-                            await self._settle_current(deployment)
-                except AgentError as exc:
-                    logger.warning("could not check a remote release; retrying", application=name,
-                                   error=exc.message, retry_in_s=delay)
-                    failed.append(name)
-            pending = failed
-            if pending:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_REMOTE_RETRY_S)
-
-    async def _settle_current(self, deployment: Deployment) -> None:
-        """Starts a current release that is not running again, or follows its output once more."""
-        handle = ReleaseHandle.from_dict(deployment.release or {})
-        target = self.targets.for_deployment(deployment)
-        state = await target.release_state(handle)
-        if not state.running:
-            logger.warning("current release is not running; starting it again", application=deployment.application)
-            await self.resume(deployment, handle)
-            return
-        current = await target.reattach_release(deployment, handle, self._log_policy(deployment))
-        if current != handle:
-            port = deployment.spec.run.port if deployment.spec.run else None
-            await self.store.update(
-                deployment.id, release=current.to_dict(), pid=current.pid,
-                url=target.url_of(current, port, _bind_of(deployment)),
-            )
+    async def reconcile(self, interrupted: list[Deployment]) -> Reconciled:
+        """Settles interrupted deployments' releases and makes current ones serve (agent.release_recovery)."""
+        return await self.recovery.reconcile(interrupted)
 
     async def close(self) -> None:
         """Stops the background reconciliation of remote releases."""
-        if self._remote_reconciler is not None:
-            self._remote_reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._remote_reconciler
-            self._remote_reconciler = None
+        await self.recovery.close()
 
 
 @dataclass
@@ -380,17 +350,22 @@ class _HeldLock:
     users: int = 0
 
 
-@dataclass(frozen=True)
-class _Kept:
-    """A release retention counts: its deployment and the image it runs from."""
+async def _to_the_end(work: Awaitable[object]) -> int:
+    """Awaits `work` to its end even when this task is cancelled meanwhile; returns how often it was.
 
-    deployment: Deployment
-    image: str | None
-
-    @property
-    def origin(self) -> str:
-        """The deployment whose release files this release runs from (itself, or a rollback's target)."""
-        return self.deployment.release_from or self.deployment.id
+    The caller decides what such a cancellation means: `deploy` re-raises its own exception after
+    an undo, and spends the cancellations that arrive once only cleanup is left.
+    """
+    task = asyncio.ensure_future(work)
+    cancels = 0
+    while True:
+        try:
+            await asyncio.shield(task)
+            return cancels
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise  # the work itself was cancelled, not this task
+            cancels += 1
 
 
 def _bind_of(deployment: Deployment) -> str | None:

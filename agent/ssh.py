@@ -237,6 +237,25 @@ class SshConnections:
         """Whether server `name` has an open connection right now."""
         return self._server(name).connection is not None
 
+    def update_servers(self, servers: Mapping[str, ServerConfig]) -> None:
+        """Takes new settings for `servers` (a config reload); servers not named keep theirs.
+
+        A new server is added, unconnected. A server whose settings changed keeps its entry
+        (failures, forwards) with the new settings, and its open connection is closed: the
+        next call reconnects with them, and a server with forwards reconnects at once and
+        restores them on the new connection. An unchanged server keeps its connection.
+        Releases on a server run under their detached supervisor and do not notice.
+        """
+        for name, config in servers.items():
+            known = self._servers.get(name)
+            if known is None:
+                self._servers[name] = _Server(config)
+            elif known.config != config:
+                known.config = config
+                if known.connection is not None:
+                    logger.info("server settings changed: reconnecting", server=name)
+                    known.connection.close()
+
     async def close(self) -> None:
         """Stops reconnecting, closes every forward and connection, and waits until they are closed."""
         self._closed = True

@@ -3,11 +3,21 @@
 SQLite blocks, so one dedicated thread owns the connection and every call is
 handed to it; the event loop never touches the database. `transition` is the
 only function that changes a deployment's status.
+
+A full disk (SQLITE_FULL, ENOSPC) is `DiskFull` to every caller, never a raw
+sqlite3 error (agent.disk tells which errors are), and never corrupts the file:
+SQLite rolls the transaction back itself. A final status that could not be
+written for lack of space is held by agent.store_pending until there is room;
+reads show it meanwhile.
+
+It runs past 400 lines for a reason: the schema and every query share the one
+connection and its thread, and splitting them would hand the connection around.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import Mapping as MappingABC
@@ -18,7 +28,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from agent.errors import Conflict, NotFound, QueueFull
+from agent.disk import disk_full_of, is_sqlite_disk_full
+from agent.errors import Conflict, DiskFull, NotFound, QueueFull
 from agent.models import (
     FINAL_STATUSES,
     IN_PROGRESS_STATUSES,
@@ -29,6 +40,7 @@ from agent.models import (
     DeploymentSpec,
     utc_now,
 )
+from agent.store_pending import PendingStatuses
 
 T = TypeVar("T")
 
@@ -91,15 +103,24 @@ class Store:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._connection: sqlite3.Connection | None = None
+        # Final statuses a full disk kept from the file; only the store thread changes them.
+        self._pending = PendingStatuses(self.path.parent)
 
     async def open(self) -> None:
         await self._call(self._open)
 
     async def close(self) -> None:
+        await self._pending.stop_retrying()
         if self._connection is not None:
-            await self._call(self._connection.close)
+            # The call first tries the pending statuses once more; a close never fails on a full disk.
+            with contextlib.suppress(DiskFull):
+                await self._call(self._close_connection)
             self._connection = None
         self._executor.shutdown(wait=True)
+
+    def pending_statuses(self) -> dict[str, str]:
+        """Deployments whose final status waits for disk space to be written, with that status."""
+        return self._pending.statuses()
 
     async def insert(
         self,
@@ -124,7 +145,11 @@ class Store:
         return await self._call(self._list, query)
 
     async def transition(self, deployment_id: str, status: str, **fields: Any) -> Deployment:
-        """The one way a status changes: checks the move is legal, stamps the times, writes atomically."""
+        """The one way a status changes: checks the move is legal, stamps the times, writes atomically.
+
+        On a full disk a move to a final status is kept and written once there is room (reads
+        show it meanwhile); any other move raises DiskFull.
+        """
         return await self._call(self._transition, deployment_id, status, fields)
 
     async def update(self, deployment_id: str, **fields: Any) -> Deployment:
@@ -160,7 +185,29 @@ class Store:
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(function, *args))
+        try:
+            return await loop.run_in_executor(self._executor, partial(self._guarded, function, *args))
+        finally:
+            self._pending.retry_in_background(lambda: self._call(_nothing), lambda: self._connection is not None)
+
+    def _guarded(self, function: Callable[..., T], *args: Any) -> T:
+        """Runs `function` on the store thread after the pending statuses; a full disk becomes DiskFull."""
+        try:
+            if self._pending and self._connection is not None:
+                self._pending.write(self._write)
+            return function(*args)
+        except (sqlite3.Error, OSError) as exc:
+            full = disk_full_of(exc, self.path.parent)
+            if full is None:
+                raise
+            raise full from exc
+
+    def _deployment(self, row: sqlite3.Row) -> Deployment:
+        """The deployment of a row, with its final status if a full disk keeps that from the row."""
+        return self._pending.apply(_row_to_deployment(row))
+
+    def _close_connection(self) -> None:
+        self._db.close()
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -199,42 +246,47 @@ class Store:
                     "SELECT * FROM deployments WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    db.execute("ROLLBACK")
+                    _rollback(db)
                     if row["request_hash"] != request_hash:
                         raise Conflict(
                             "Idempotency-Key was already used with a different request body",
                             code="idempotency_key_reused",
                             details={"deployment_id": row["id"]},
                         )
-                    return _row_to_deployment(row), False
+                    return self._deployment(row), False
             if max_queued is not None:
                 (queued,) = db.execute("SELECT COUNT(*) FROM deployments WHERE status = 'queued'").fetchone()
                 if queued >= max_queued:
-                    db.execute("ROLLBACK")
+                    _rollback(db)
                     raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
             values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
             cursor = db.execute(_INSERT, (*values, idempotency_key, request_hash))
             db.execute("COMMIT")
         except sqlite3.Error:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         row = db.execute("SELECT * FROM deployments WHERE seq = ?", (cursor.lastrowid,)).fetchone()
-        return _row_to_deployment(row), True
+        return self._deployment(row), True
 
     def _get(self, deployment_id: str) -> Deployment:
         row = self._db.execute("SELECT * FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
         if row is None:
             raise NotFound(f"deployment {deployment_id} not found")
-        return _row_to_deployment(row)
+        return self._deployment(row)
 
     def _list(self, query: DeploymentFilter) -> tuple[list[Deployment], int | None]:
         clauses: list[str] = []
         params: list[Any] = []
-        for column in ("application", "server", "status"):
+        for column in ("application", "server"):
             value = getattr(query, column)
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if query.status is not None:
+            # A final status that a full disk keeps from its row (rare) is the row's status here too.
+            kept = self._pending.ids()
+            clauses.append(f"(status = ?{' OR id IN (' + ', '.join('?' for _ in kept) + ')' if kept else ''})")
+            params += [query.status, *kept]
         if query.updated_since is not None:
             clauses.append("updated_at >= ?")
             params.append(query.updated_since)
@@ -245,37 +297,34 @@ class Store:
         rows = self._db.execute(
             f"SELECT * FROM deployments {where} ORDER BY seq DESC LIMIT ?", (*params, query.limit + 1)
         ).fetchall()
-        page = [_row_to_deployment(row) for row in rows[: query.limit]]
+        page = [self._deployment(row) for row in rows[: query.limit]]
         next_seq = page[-1].seq if len(rows) > query.limit else None
-        return page, next_seq
+        return [item for item in page if query.status is None or item.status == query.status], next_seq
 
     def _transition(self, deployment_id: str, status: str, fields: dict[str, Any]) -> Deployment:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         db = self._db
         db.execute("BEGIN IMMEDIATE")
+        values: dict[str, Any] | None = None
         try:
             current = self._get(deployment_id)
             if status not in TRANSITIONS[current.status]:
+                kept = " (written once the disk has room)" if deployment_id in self._pending else ""
                 raise Conflict(
-                    f"deployment {deployment_id} is {current.status}; it cannot become {status}",
+                    f"deployment {deployment_id} is {current.status}{kept}; it cannot become {status}",
                     code="illegal_transition",
                 )
-            now = utc_now()
-            values = dict(fields)
-            values["status"] = status
-            values["updated_at"] = now
-            if status in IN_PROGRESS_STATUSES and current.started_at is None:
-                values["started_at"] = now
-            if status in FINAL_STATUSES:
-                values["finished_at"] = now
-                values.setdefault("pid", None)
-                if current.started_at is None and status == "succeeded":
-                    values["started_at"] = now
+            values = _transition_values(current, status, fields)
             self._write(deployment_id, values)
             db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(db)
+            if values is None or status not in FINAL_STATUSES or not is_sqlite_disk_full(exc, self.path.parent):
+                raise
+            self._pending.keep(deployment_id, values)
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         return self._get(deployment_id)
 
@@ -305,8 +354,9 @@ class Store:
             db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
+        self._pending.discard(deployment_id)
         return current
 
     def _with_status(self, statuses: tuple[str, ...]) -> list[Deployment]:
@@ -314,14 +364,19 @@ class Store:
         rows = self._db.execute(
             f"SELECT * FROM deployments WHERE status IN ({marks}) ORDER BY seq", statuses
         ).fetchall()
-        return [_row_to_deployment(row) for row in rows]
+        # One whose final status waits for room is no longer what it was: nothing may start or await it.
+        return [deployment for deployment in map(self._deployment, rows) if deployment.status in statuses]
 
     def _status_counts(self) -> dict[str, int]:
         counts = {status: 0 for status in STATUSES}
         for status, count in self._db.execute("SELECT status, COUNT(*) FROM deployments GROUP BY status"):
             counts[status] = count
+        for deployment_id, status in self._pending.statuses().items():
+            row = self._db.execute("SELECT status FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            if row is not None:
+                counts[row["status"]] -= 1
+                counts[status] += 1
         return counts
-
 
     def _succeeded_releases(self, application: str) -> list[Deployment]:
         rows = self._db.execute(
@@ -329,7 +384,7 @@ class Store:
                ORDER BY seq DESC""",
             (application,),
         ).fetchall()
-        return [_row_to_deployment(row) for row in rows]
+        return [self._deployment(row) for row in rows]
 
     def _get_application(self, name: str) -> Application:
         row = self._db.execute("SELECT * FROM applications WHERE name = ?", (name,)).fetchone()
@@ -360,6 +415,34 @@ class Application:
     state: str  # "running" or "stopped"
     since: str
     updated_at: str
+
+
+def _transition_values(current: Deployment, status: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """What a move to `status` writes: the fields, the status, and the times it stamps."""
+    now = utc_now()
+    values = {**fields, "status": status, "updated_at": now}
+    if status in IN_PROGRESS_STATUSES and current.started_at is None:
+        values["started_at"] = now
+    if status in FINAL_STATUSES:
+        values["finished_at"] = now
+        values.setdefault("pid", None)
+        if current.started_at is None and status == "succeeded":
+            values["started_at"] = now
+    return values
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Ends the open transaction, if SQLite has not ended it already (it does on SQLITE_FULL).
+
+    A ROLLBACK without a transaction raises, and would hide the error that matters.
+    """
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
+def _nothing() -> None:
+    """A store call that does nothing but write what is pending."""
 
 
 def _encode(name: str, value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -22,15 +23,28 @@ ROUTED_LOGGERS: tuple[str, ...] = ("aiohttp", "asyncssh", "urllib3", "docker")
 CHATTY_LOGGERS: tuple[str, ...] = ("asyncssh", "urllib3")
 
 
+# syslog priorities, which journald reads from a `<N>` prefix on each line (sd-daemon(3)).
+PRIORITIES: dict[int, int] = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes to whatever `sys.stdout` is when a record is emitted.
 
     Looking the stream up late means a swapped stdout (pytest's capture, a redirect) is honoured
-    and a handler never writes to a stream that has since been closed.
+    and a handler never writes to a stream that has since been closed. With `journal`, each
+    line starts with its syslog priority so that `journalctl -p err` finds the errors.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, journal: bool = False) -> None:
         super().__init__(sys.stdout)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.journal:
+            return text
+        priority = PRIORITIES.get(record.levelno, 3 if record.levelno > logging.WARNING else 6)
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
@@ -74,7 +88,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
 
-    handler = _StdoutHandler()
+    handler = _StdoutHandler(journal=stdout_is_journal())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # Records from stdlib loggers (aiohttp, docker, ...) get the same fields as ours.
@@ -86,11 +100,34 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     for existing in [h for h in root.handlers if isinstance(h, _StdoutHandler)]:
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel(numeric_level)
+    set_log_level(level)
+    for name in ROUTED_LOGGERS:
+        logging.getLogger(name).propagate = True
+
+
+def set_log_level(level: str) -> None:
+    """Changes the level of the agent's and the routed libraries' logs (a reload's log_level)."""
+    numeric_level = LEVELS.get(level.lower())
+    if numeric_level is None:
+        raise ValueError(f"unknown log level {level!r}; known: {', '.join(LEVELS)}")
+    logging.getLogger().setLevel(numeric_level)
     for name in ROUTED_LOGGERS:
         library_logger = logging.getLogger(name)
         library_logger.setLevel(max(numeric_level, logging.WARNING) if name in CHATTY_LOGGERS else logging.NOTSET)
-        library_logger.propagate = True
+
+
+def stdout_is_journal() -> bool:
+    """Whether stdout is the journald stream systemd connected ($JOURNAL_STREAM is its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        status = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    # A child that inherited the variable but writes elsewhere must not prefix its lines.
+    return (status.st_dev, status.st_ino) == (int(device), int(inode))
 
 
 def _render_processors(json: bool) -> list[Processor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,27 +18,32 @@ from typing import Any
 import structlog
 
 from agent.config import Config
+from agent.disk import free_bytes
 from agent.errors import (
     AgentError,
     Conflict,
+    DiskFull,
     ErrorType,
     Forbidden,
     NotFound,
     StopRequested,
+    WorkLost,
     as_agent_error,
     error_object,
 )
 from agent.logs import DeploymentLog, LogPolicy
 from agent.metrics import Metrics
-from agent.models import FINAL_STATUSES, Deployment
+from agent.models import FINAL_STATUSES, IN_PROGRESS_STATUSES, Deployment
 from agent.policy import authorize_spec
 from agent.releases import ReleaseManager
 from agent.store import Store
-from agent.targets.base import StopWork, Target, workspace_of
+from agent.targets.base import Built, StopWork, Target, workspace_of
 from agent.targets.resolver import Targets
 from agent.workspace import remove_workspace
 
 logger = structlog.get_logger("agent.engine")
+# How often a deployment kept queued by a full disk looks for room again.
+DISK_RETRY_S = 1.0
 
 
 @dataclass
@@ -52,6 +58,8 @@ class RunningDeployment:
     # Stops the build's work wherever it runs (containers here or there, a remote process group).
     stop_work: StopWork | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the build's work runs and is known (started, or found again after a restart).
+    work_known: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Worker:
@@ -65,6 +73,8 @@ class Worker:
         self.targets = targets
         self.releases = releases
         self.metrics = metrics
+        # The open log writer of each deployment (set_status asks it whether its writes failed).
+        self._logs: weakref.WeakValueDictionary[str, DeploymentLog] = weakref.WeakValueDictionary()
 
     async def carry_out(self, deployment: Deployment, running: RunningDeployment) -> None:
         """Builds, releases and prunes; ends the deployment with its final status, whatever happens."""
@@ -87,18 +97,35 @@ class Worker:
             return
         if first == "succeeded":
             return
+        await self._carry_on(deployment, running, resumed=False)
+
+    async def resume(self, deployment: Deployment, running: RunningDeployment) -> None:
+        """After a restart: takes an interrupted build back and carries the deployment on from there, as carry_out does.
+
+        A build whose work vanished while the agent was away ends `failed` with `lost`.
+        """
+        await self._carry_on(deployment, running, resumed=True)
+
+    async def _carry_on(self, deployment: Deployment, running: RunningDeployment, *, resumed: bool) -> None:
+        """Build (or, `resumed`, the interrupted build taken back), release, retention, final status."""
+        spec = deployment.spec
         target = self.targets.for_deployment(deployment)
         log = self.open_log(deployment)
         started = time.monotonic()
         outcome: str = "failed"
         pruned = False
         try:
-            log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
+            if not resumed:
+                log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
             fields: dict[str, Any] = {"pid": None, "stage": None}
             image = deployment.release_image
             if spec.build is not None:
                 running.phase = "building"
-                built = await target.build(deployment, log, _Watch(self.store, deployment.id, running))
+                watch = _Watch(self.store, deployment.id, running)
+                if resumed:
+                    built = await self._take_back(deployment, target, log, watch)
+                else:
+                    built = await target.build(deployment, log, watch)
                 if built.image is not None:
                     await self.store.update(deployment.id, release_image=built.image)
                 fields, image = {"exit_code": built.exit_code, "pid": None, "stage": None}, built.image
@@ -108,20 +135,28 @@ class Worker:
                 running.phase = "deploying"
                 _raise_if_stopped(running)
                 fields = {**fields, **await self.releases.deploy(deployment, target, log, image)}
+                # In service: a kill from here on is too late (the release manager's rule), so
+                # stopping must not cancel the last steps either.
+                running.phase = "settling"
                 # Settle retention before reporting success, so a poller sees the final state.
                 await self._prune_quietly(deployment, target, log, promoted=True, image=fields["release_image"])
                 pruned = True
-            outcome = "succeeded"
             log.agent("done", "deployment succeeded")
             await self.set_status(deployment.id, "succeeded", **fields)
+            outcome = "succeeded"  # only once recorded: a full disk may still refuse it
         except (asyncio.CancelledError, StopRequested):
             outcome = await self._end_stopped(deployment, running, log)
         except Exception as exc:  # noqa: BLE001 - any surprise still ends the deployment, never leaves it hanging
-            if not isinstance(exc, AgentError):
-                logger.exception("deployment crashed")
-            failure = as_agent_error(exc)
-            log.agent("done", f"deployment failed: {failure.message}")
-            await self.set_status(deployment.id, "failed", **failure.failure_fields())
+            if running.stop_reason is not None:
+                # Asked to stop, its work then failed (e.g. "container is marked for removal"): the stop's doing.
+                logger.info("the work failed after a stop was asked", error=as_agent_error(exc).message)
+                outcome = await self._end_stopped(deployment, running, log)
+            else:
+                if not isinstance(exc, AgentError):
+                    logger.exception("deployment crashed")
+                failure = as_agent_error(exc)
+                log.agent("done", f"deployment failed: {failure.message}")
+                await self.set_status(deployment.id, "failed", **failure.failure_fields())
         finally:
             if spec.run is not None and not pruned:
                 await self._prune_quietly(deployment, target, log)
@@ -131,6 +166,18 @@ class Worker:
             if spec.build is not None:
                 self.metrics.observe_build(time.monotonic() - started, outcome)
             await remove_workspace(workspace_of(self.config, deployment.id))
+
+    async def _take_back(self, deployment: Deployment, target: Target, log: DeploymentLog, watch: _Watch) -> Built:
+        """The interrupted build taken back; started afresh if its work had not started; WorkLost if it vanished."""
+        built = await target.reattach_build(deployment, log, watch)
+        if built is not None:
+            return built
+        if deployment.container_id is not None or deployment.pid is not None:
+            raise WorkLost("the build container vanished while the agent was away")
+        # Stopped while the source was prepared: nothing ran yet, so the build starts over.
+        log.agent("recovery", "the agent stopped before this build started; starting it now")
+        await remove_workspace(workspace_of(self.config, deployment.id))
+        return await target.build(deployment, log, watch)
 
     async def _prune_quietly(
         self, deployment: Deployment, target: Target, log: DeploymentLog, *, promoted: bool = False,
@@ -143,7 +190,13 @@ class Worker:
             logger.warning("pruning old releases failed", application=deployment.application, error=exc.message)
 
     async def _end_stopped(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> str:
-        """A deployment that was asked to stop: cancelled on a kill, failed on a shutdown."""
+        """A deployment that was asked to stop: cancelled on a kill, failed on a shutdown.
+
+        One the agent detached from keeps its status and gets no "done" line: it goes on
+        without the agent, and the next start re-adopts it.
+        """
+        if running.stop_reason == "detach":
+            return "detached"
         if running.stop_reason == "kill":
             log.agent("done", "deployment cancelled: killed on request")
             await self.end(deployment.id, "cancelled", "cancelled", "killed on request")
@@ -176,8 +229,25 @@ class Worker:
                 await running.done.wait()
 
     async def set_status(self, deployment_id: str, status: str, **fields: Any) -> Deployment:
-        """Every status change of the engine passes here: store, metrics, daemon log."""
-        deployment = await self.store.transition(deployment_id, status, **fields)
+        """Every status change of the engine passes here: store, metrics, daemon log.
+
+        A full disk loses nothing: a deployment not started yet stays queued until state_dir has
+        room, and one whose open log could not be written goes no further than `failed` disk_full
+        (DiskFull instead of a release or success). A final status the store cannot write yet, it
+        writes once there is room.
+        """
+        log = self._logs.get(deployment_id)
+        error = log.write_error if log is not None and not log.closed else None
+        if error is not None and status in ("deploying", "succeeded", "failed"):
+            failure = _log_failure(error)
+            if status != "failed":
+                raise failure
+            if (fields.get("error") or {}).get("type") != "disk_full":
+                fields = {**fields, **failure.failure_fields()}
+        if status in IN_PROGRESS_STATUSES:
+            deployment = await self._leave_queue_when_room(deployment_id, status, fields)
+        else:
+            deployment = await self.store.transition(deployment_id, status, **fields)
         if status in FINAL_STATUSES:
             self.metrics.count_finished(status)
         logger.info("status changed", deployment_id=deployment_id, status=status, error=fields.get("error"))
@@ -188,10 +258,33 @@ class Worker:
         return await self.set_status(deployment_id, status, error=error_object(error_type, message))
 
     def open_log(self, deployment: Deployment) -> DeploymentLog:
-        """A writer of the deployment's log, held to its policy."""
-        return DeploymentLog(
+        """A writer of the deployment's log, held to its policy; its failed writes fail the deployment (set_status)."""
+        log = DeploymentLog(
             Path(deployment.log_path), LogPolicy.for_spec(deployment.spec, self.config.agent.max_log_bytes)
         )
+        self._logs[deployment.id] = log
+        return log
+
+    async def _leave_queue_when_room(self, deployment_id: str, status: str, fields: dict[str, Any]) -> Deployment:
+        """Moves to an in-progress status; out of `queued` only while state_dir has room, else it waits queued."""
+        waiting = False
+        while True:
+            queued = (await self.store.get(deployment_id)).status == "queued"
+            if not (queued and await asyncio.to_thread(self._disk_low)):
+                try:
+                    return await self.store.transition(deployment_id, status, **fields)
+                except DiskFull:
+                    if not queued:
+                        raise
+            if not waiting:
+                logger.warning("the disk is full: the deployment stays queued until there is room")
+                waiting = True
+            await asyncio.sleep(DISK_RETRY_S)
+
+    def _disk_low(self) -> bool:
+        minimum = self.config.agent.min_free_bytes
+        free = free_bytes(self.config.agent.state_dir) if minimum else None
+        return free is not None and free < minimum
 
 
 
@@ -219,9 +312,17 @@ class _Watch:
         await self._store.update(
             self._deployment_id, container_id=container_id, pid=pid, pid_started_at=pid_started_at
         )
+        self._running.work_known.set()
         if self._running.stop_reason is not None and self._running.stop_work is not None:
             # Killed while the work was being started: stop it now.
             await self._running.stop_work()
+
+
+def _log_failure(error: OSError) -> DiskFull:
+    return DiskFull(
+        f"the deployment's log could not be written ({error.strerror or error}); "
+        "free some space in the state directory and deploy again"
+    )
 
 
 def _raise_if_stopped(running: RunningDeployment) -> None:

@@ -20,6 +20,7 @@ install_packages() {
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq

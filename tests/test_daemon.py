@@ -11,7 +11,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import Config, ServerConfig
-from agent.daemon import make_state_dir_private, raise_descriptor_limit, warn_about_readable_secrets
+from agent.reload import keep_restart_only, with_departed_servers
+from agent.startup_checks import raise_descriptor_limit, warn_about_readable_secrets
+from agent.state_dir import make_state_dir_private
 
 PLAIN_TOKEN_CONFIG = """
 [[auth.tokens]]
@@ -117,3 +119,27 @@ def test_a_hard_limit_below_the_need_is_warned_about() -> None:
     assert any(entry["event"] == "open file limit is low for agent.max_connections" for entry in logs)
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[1] == hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_reload_keeps_settings_that_need_a_restart() -> None:
+    """listen, state_dir and the [docker] limits keep their running values; the changed keys are named."""
+    running = Config.from_mapping({"agent": {"listen": "127.0.0.1:1", "max_concurrent": 2}})
+    loaded = Config.from_mapping(
+        {"agent": {"listen": "127.0.0.1:2", "state_dir": "/elsewhere", "max_concurrent": 8},
+         "docker": {"build_memory": "1g"}}
+    )
+    config, changed = keep_restart_only(running, loaded)
+    assert config.agent.listen == running.agent.listen and config.agent.state_dir == running.agent.state_dir
+    assert config.docker.build_memory_bytes == running.docker.build_memory_bytes
+    assert config.agent.max_concurrent == 8
+    assert changed == ["agent.listen", "agent.state_dir", "docker.build_memory"]
+
+
+def test_a_server_removed_by_a_reload_stays_known_to_running_work() -> None:
+    """Work on a server that left the file still finds its settings; the file's servers win."""
+    server = {"host": "192.0.2.1", "user": "deploy", "known_hosts": "/dev/null"}
+    previous = Config.from_mapping({"servers": {"old": server, "kept": server}})
+    config = Config.from_mapping({"servers": {"kept": {**server, "host": "192.0.2.2"}}})
+    operating = with_departed_servers(config, previous)
+    assert sorted(operating.servers) == ["kept", "old"] and operating.servers["kept"].host == "192.0.2.2"
+    assert with_departed_servers(config, config) is config

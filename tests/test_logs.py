@@ -1,13 +1,17 @@
-"""Deployment log writers: secrets masked in every line, the size cap and its dropped-bytes line."""
+"""Deployment log writers: secrets masked in every line, the size cap and its dropped-bytes line, a full disk."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import stat
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.logs import (
     DEFAULT_MAX_LOG_BYTES,
@@ -20,11 +24,15 @@ from agent.logs import (
     watch_growth,
 )
 from agent.models import BuildSpec, DeploymentSpec, RunSpec
+from tests.tmpfs import fill, mounted_tmpfs
 
 SECRET = "s3cr3t-password-value"
 DROPPED = re.compile(
     r"^\S+Z (\S+) agent \| (\d+) bytes of output dropped: the log reached agent\.max_log_bytes \((\d+) bytes\)$"
 )
+
+
+LINE = re.compile(r"^\S+Z \S+ (stdout|stderr|agent) \| .*$")
 
 
 def lines_of(path: Path) -> list[str]:
@@ -218,3 +226,50 @@ def test_mask_handles_regex_characters_and_unicode(tmp_path: Path, value: str) -
     with DeploymentLog(path, LogPolicy(secrets=maskable([value]))) as log:
         log.write("build", "stdout", f"<{value}>")
     assert texts_of(path) == ["<***>"]
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs, unmounted afterwards."""
+    with mounted_tmpfs(tmp_path / "disk") as directory:
+        yield directory
+
+
+def test_a_full_disk_never_raises_and_is_reported_once(small_disk: Path) -> None:
+    """ENOSPC: the writer keeps going, counts what it lost, warns once, and says so when there is room again."""
+    path = small_disk / "dep.log"
+    filler = small_disk / "filler"
+    with capture_logs() as events, DeploymentLog(path) as log:
+        log.write("build", "stdout", "before the disk filled")
+        size = fill(filler)
+        # Two pages of room: the next write is cut short in the middle of a line, then refused.
+        os.truncate(filler, size - 8192)
+        for _ in range(50):
+            log.write_lines("build", "stdout", ["x" * 1000] * 10)
+        assert isinstance(log.write_error, OSError) and log.write_error.errno == errno.ENOSPC
+        assert log.full and log.dropped_bytes >= 50 * 10 * 1000
+        filler.unlink()
+        log.write_lines("build", "stdout", ["output after the error stays out"])
+        log.agent("done", "deployment failed: disk full")
+    warnings = [event for event in events if event["event"].startswith("writing a deployment log failed")]
+    assert len(warnings) == 1, events
+    texts = texts_of(path)
+    assert texts[0] == "before the disk filled"
+    assert "output after the error stays out" not in texts
+    assert "deployment failed: disk full" in texts
+    assert re.fullmatch(r"\d+ bytes of output could not be written to the log: No space left on device", texts[-1])
+    # A write cut short in the middle of a line does not glue the next line to it.
+    assert all(LINE.match(line) for line in lines_of(path)), lines_of(path)[-4:]
+
+
+def test_a_log_that_cannot_be_opened_counts_everything(tmp_path: Path) -> None:
+    """A writer whose file cannot be created does not raise either: it only counts and reports."""
+    (tmp_path / "not-a-directory").write_text("")
+    log = DeploymentLog(tmp_path / "not-a-directory" / "dep.log")
+    log.write("build", "stdout", "lost")
+    assert log.write_error is not None and log.dropped_bytes > 0
+    log.close()
+    assert log.closed

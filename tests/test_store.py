@@ -1,17 +1,20 @@
-"""The SQLite store: durability, the one transition function, listing."""
+"""The SQLite store: durability, the one transition function, listing, a full disk."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from agent.errors import Conflict, NotFound, QueueFull
+from agent.errors import Conflict, DiskFull, NotFound, QueueFull
 from agent.models import Deployment, DeploymentFilter, DeploymentSpec, new_deployment_id, utc_now
 from agent.store import Store
+from tests.tmpfs import fill, mounted_tmpfs
 
 
 def make(application: str = "web") -> Deployment:
@@ -152,3 +155,78 @@ async def test_a_database_of_an_earlier_agent_opens_and_reads_back(tmp_path: Pat
         assert not created and again.id == "dep_old"
     finally:
         await store.close()
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def small_store(tmp_path: Path):
+    """A store on a real 8 MiB tmpfs (unmounted afterwards), and that directory."""
+    with mounted_tmpfs(tmp_path / "disk") as directory:
+        store = Store(directory / "agent.db")
+        await store.open()
+        try:
+            yield store, directory
+        finally:
+            await store.close()
+
+
+def stored_status(path: Path, deployment_id: str) -> str:
+    """The status in the file itself, read by another connection."""
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        return other.execute("SELECT status FROM deployments WHERE id = ?", (deployment_id,)).fetchone()[0]
+
+
+async def test_a_full_disk_is_disk_full_and_the_store_stays_whole(small_store: tuple[Store, Path]) -> None:
+    """SQLITE_FULL is DiskFull (503 disk_full), nothing written before is lost, and room brings writes back."""
+    store, directory = small_store
+    kept, _ = await store.insert(make())
+    fill(directory / "filler")
+    with pytest.raises(DiskFull) as refused:
+        for _ in range(1000):  # SQLite may have some room left in its own files
+            await store.insert(make())
+    assert refused.value.status == 503 and refused.value.error_type == "disk_full"
+    assert (await store.get(kept.id)).status == "queued"
+    with contextlib.closing(sqlite3.connect(directory / "agent.db")) as other:
+        assert other.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    (directory / "filler").unlink()
+    later, created = await store.insert(make())
+    assert created and (await store.get(later.id)).status == "queued"
+
+
+async def test_a_final_status_kept_by_a_full_disk_is_written_once_there_is_room(
+    small_store: tuple[Store, Path],
+) -> None:
+    """A final status that does not fit is kept, counts as final, and reaches the file when space is freed."""
+    store, directory = small_store
+    stuck, _ = await store.insert(make())
+    await store.transition(stuck.id, "building")
+    fill(directory / "filler")
+    error = {"type": "disk_full", "message": "no room"}
+    ended = await store.transition(stuck.id, "failed", error=error)
+    assert ended.status == "failed" and ended.error == error
+    assert store.pending_statuses() == {stuck.id: "failed"}
+    assert stored_status(directory / "agent.db", stuck.id) == "building"
+    # Every read shows it final: nothing starts it, awaits it, or moves it elsewhere.
+    shown = await store.get(stuck.id)
+    assert shown.status == "failed" and shown.error == error and shown.finished_at is not None
+    assert await store.with_status("building") == []
+    assert (await store.status_counts())["failed"] == 1
+    listed, _ = await store.list(DeploymentFilter(status="failed"))
+    assert [item.id for item in listed] == [stuck.id]
+    with pytest.raises(Conflict):
+        await store.transition(stuck.id, "cancelled")
+    (directory / "filler").unlink()
+    # Written by the store's own retry, with no other call to prompt it.
+    deadline = time.monotonic() + 5
+    while stored_status(directory / "agent.db", stuck.id) != "failed":
+        assert time.monotonic() < deadline, "the kept status was not written after space was freed"
+        await asyncio.sleep(0.1)
+    assert store.pending_statuses() == {}
+    written = await store.get(stuck.id)
+    assert written.status == "failed" and written.error == error and written.finished_at == shown.finished_at
+    await store.delete(stuck.id)
+    with pytest.raises(NotFound):
+        await store.get(stuck.id)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from agent.api.auth import Handler, auth_middleware
 from agent.api.context import CLOSING, ENGINE, STREAMING, TOKEN_NAME, engine_of
 from agent.api.params import too_large_message
 from agent.api.routes import add_routes
-from agent.errors import AgentError, HttpStatusError, MethodNotAllowed, NotFound, PayloadTooLarge
+from agent.errors import AgentError, DiskFull, HttpStatusError, MethodNotAllowed, NotFound, PayloadTooLarge
 
 if TYPE_CHECKING:
     from agent.engine import Engine
@@ -59,6 +60,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 # An agent error without a client-facing status (e.g. RuntimeFailure): a server fault.
                 logger.error("request failed", method=request.method, path=request.path, exc_info=True)
             response = error_response(exc)
+        elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk is the operator's to fix, not a server fault: 503 with Retry-After.
+            logger.warning("request failed: the disk is full", method=request.method, path=request.path, error=str(exc))
+            response = error_response(DiskFull(f"the disk of the state directory is full ({exc.strerror})"))
         else:
             logger.exception(
                 "unhandled error", method=request.method, path=request.path, token=request.get(TOKEN_NAME)

@@ -183,7 +183,7 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the agent can serve; 503 with the reason (shutting down, Docker unreachable) otherwise.
 
     Anonymous callers learn only the status; a valid token of any scope also gets the details
-    (Docker version, running deployments).
+    (Docker version, running deployments, `process_isolation`: "cgroup" or "process_group").
     """
     engine = engine_of(request)
     token = optional_token(request)

@@ -92,6 +92,15 @@ class ContainerRuntime:
         """Runs the build command in a fresh container and always removes the container after."""
         return await self._builds.run(job, log, on_start)
 
+    async def reattach_build(
+        self, job: BuildJob, log: DeploymentLog, on_found: Callable[[str, int], Awaitable[None]]
+    ) -> BuildResult | None:
+        """After an agent restart: follows the job's build container again and ends it as run_build does.
+
+        Its log continues where it stopped; None when the container is gone (what is left is removed).
+        """
+        return await self._builds.reattach(job, log, on_found)
+
     async def stop_deployment(self, deployment_id: str, grace_s: float) -> int:
         """Stops (SIGTERM, SIGKILL after `grace_s`) and removes the deployment's build and snapshot containers."""
         return await self._builds.stop_deployment(deployment_id, grace_s)

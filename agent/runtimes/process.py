@@ -11,16 +11,23 @@ Files of a release, in `run_dir/<deployment id>/`:
 - `exit`: the command's exit code (negative: the signal that ended it), then an optional reason;
 - `stopping`: present while the agent stops the release (the supervisor then does not forward
   the SIGTERM the whole group already got);
-- `log_path`: the deployment's log file, for `last_output`.
+- `log_path`: the deployment's log file, for `last_output`;
+- `cgroup`: the path of the release's own cgroup, where it has one (see agent.runtimes.cgroups).
+  Written before the supervisor starts and read back by every stop, so that a restarted agent
+  ends the release the way it was started: its whole cgroup, or (no such file) its process group.
+
+(Over 400 lines: start, state and stop share these files and the identity proofs below.)
 
 Nothing is ever signalled unless its identity is proven: the command by its create time, the
 supervisor by its command line (this module and this release's pid file) and a create time no
-later than the command's, other processes by being in the proven tree, group or session.
+later than the command's, other processes by being in the proven tree, group or session, or in
+the release's cgroup: a child that calls `setsid` or double-forks leaves its group, not its cgroup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -39,18 +46,16 @@ import psutil
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog, LogPolicy, read_tail
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
+from agent.runtimes.cgroups import Cgroup, CgroupError, Isolation, ReleaseCgroups, end_cgroup, recorded_cgroup
 from agent.runtimes.process_tree import (
     CREATE_TIME_TOLERANCE_S,
     ProcessTree,
     collect,
     is_alive,
     is_running,
-    kill_all,
-    kill_except_supervisor,
     killpg,
     proven_process,
-    terminate,
-    wait_gone,
+    stop_tree,
 )
 
 SUPERVISOR_MODULE = "agent.runtimes.supervise"
@@ -63,6 +68,8 @@ EXIT_FILE_WAIT_S = 1.0
 SUPERVISOR_EXIT_S = 1.0
 # How long SIGKILLed processes may take to disappear before stop_release gives up.
 GONE_TIMEOUT_S = 5.0
+# The log line of a release that has no cgroup although the host has them.
+NO_CGROUP_NOTE = "{}; the release is kept together by its process group only"
 # The environment of the agent a release inherits; everything else comes from its spec.
 INHERITED_ENV = ("PATH", "LANG")
 _DEPLOYMENT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -90,14 +97,26 @@ class ReleaseFiles:
     def log_path(self) -> Path:
         return self.directory / "log_path"
 
+    @property
+    def cgroup(self) -> Path:
+        return self.directory / "cgroup"
+
+
+# `cgroups=DISCOVER`: find this host's cgroups on first use (None: process groups only).
+DISCOVER = "discover"
+
 
 class ProcessRuntime:
     """Runs releases as supervised host processes; implements `ReleaseRuntime` for runtime "process"."""
 
-    def __init__(self, run_dir: Path, kill_grace_s: float = 10.0) -> None:
+    def __init__(
+        self, run_dir: Path, kill_grace_s: float = 10.0, cgroups: ReleaseCgroups | None | str = DISCOVER
+    ) -> None:
         # Absolute: the supervisor runs elsewhere, and its command line is matched against these paths.
         self.run_dir = Path(run_dir).resolve()
         self.kill_grace_s = kill_grace_s
+        self._cgroups = cgroups
+        self._cgroups_lock = threading.Lock()
 
     # -- ReleaseRuntime ------------------------------------------------------------------------
 
@@ -110,8 +129,17 @@ class ProcessRuntime:
         argv = command_argv(spec.command)
         files = self.files(spec.deployment_id)
         # The supervisor writes the log in its own process, held to the same policy as `log`.
-        supervisor = await asyncio.to_thread(self._spawn, spec, argv, files, log.policy)
-        pid, started_at = await self._wait_for_pid(supervisor, files)
+        supervisor, cgroup, note = await asyncio.to_thread(self._spawn, spec, argv, files, log.policy)
+        if note:
+            log.agent(RELEASE_STAGE, note)
+        try:
+            pid, started_at = await self._wait_for_pid(supervisor, files)
+        except RuntimeFailure:
+            if cgroup is not None:
+                await asyncio.to_thread(self._end_cgroup, cgroup, files)
+            raise
+        if cgroup is not None:
+            log.agent(RELEASE_STAGE, f"the release runs in cgroup {cgroup.path}")
         log.agent(RELEASE_STAGE, f"started process {pid}: {display_command(spec.command)}")
         return ReleaseHandle(
             runtime="process",
@@ -129,28 +157,25 @@ class ProcessRuntime:
         return await asyncio.to_thread(self._state, handle)
 
     async def stop_release(self, handle: ReleaseHandle, grace_s: float) -> None:
-        """SIGTERM to the release's group and escaped descendants, SIGKILL after `grace_s`."""
+        """SIGTERM to the release's group, cgroup and escaped descendants, SIGKILL after `grace_s`.
+
+        A release with a cgroup ends with `cgroup.kill`, a check that the cgroup is empty, and
+        its removal: whatever left the group (setsid, double fork) goes too.
+        """
         files = self.files(handle.deployment_id)
         tree = await asyncio.to_thread(self._prove_tree, handle)
         if tree is None:
             return
         processes = await asyncio.to_thread(collect, tree, {})
-        if not processes:
-            return
-        await asyncio.to_thread(terminate, tree, processes, files.stopping)
-        await wait_gone(processes.values(), grace_s)
-        # Leftovers and whatever they forked meanwhile.
-        processes = await asyncio.to_thread(collect, tree, processes)
         if processes:
-            await asyncio.to_thread(kill_except_supervisor, tree, processes)
-            if tree.supervisor is not None:
-                await wait_gone([tree.supervisor], SUPERVISOR_EXIT_S)
-            processes = await asyncio.to_thread(collect, tree, processes)
-            await asyncio.to_thread(kill_all, tree, processes)
-            left = await wait_gone(processes.values(), GONE_TIMEOUT_S)
+            left = await stop_tree(
+                tree, processes, files.stopping, grace_s, supervisor_exit_s=SUPERVISOR_EXIT_S, gone_s=GONE_TIMEOUT_S
+            )
             if left:
                 pids = ", ".join(str(process.pid) for process in left)
                 raise RuntimeFailure(f"processes of release {handle.deployment_id} survived SIGKILL: {pids}")
+        if tree.cgroup is not None:
+            await asyncio.to_thread(self._end_cgroup, tree.cgroup, files)
 
     async def resume_release(self, handle: ReleaseHandle, spec: ReleaseSpec, log: DeploymentLog) -> ReleaseHandle:
         """A process cannot be resumed: makes sure the old one is gone and starts the command again."""
@@ -168,9 +193,32 @@ class ProcessRuntime:
 
     # -- extras --------------------------------------------------------------------------------
 
+    async def isolation(self) -> Isolation:
+        """What keeps this runtime's new releases together: a cgroup each, or process groups only."""
+        return "cgroup" if await asyncio.to_thread(self.cgroups) is not None else "process_group"
+
+    async def remove_stray_cgroups(self, keep: set[str]) -> int:
+        """After a restart: kills and removes the cgroups of this agent's releases not in `keep`."""
+        return await asyncio.to_thread(self._remove_stray_cgroups, keep)
+
+    def cgroups(self) -> ReleaseCgroups | None:
+        """This runtime's release cgroups, found on first use; None where the host has none for us."""
+        with self._cgroups_lock:
+            if isinstance(self._cgroups, str):
+                self._cgroups = ReleaseCgroups.discover(self.run_dir)
+            return self._cgroups
+
     async def adopt(self, handle: ReleaseHandle) -> bool:
         """After an agent restart: whether the release of this handle still runs."""
         return await asyncio.to_thread(is_running, handle.pid, handle.pid_started_at)
+
+    async def recorded_releases(self) -> list[ReleaseHandle]:
+        """After a restart: a handle for each release whose files here record a command, running or not.
+
+        Built from the release's own pid file (command pid and create time), with the command's
+        parent as the supervisor to prove: stopping it signals nothing whose identity fails.
+        """
+        return await asyncio.to_thread(self._recorded_releases)
 
     def files(self, deployment_id: str) -> ReleaseFiles:
         """The runtime files of a deployment's release."""
@@ -180,12 +228,35 @@ class ProcessRuntime:
 
     # -- internals (run on worker threads) -----------------------------------------------------
 
+    def _recorded_releases(self) -> list[ReleaseHandle]:
+        try:
+            directories = [entry for entry in self.run_dir.iterdir() if _DEPLOYMENT_ID.match(entry.name)]
+        except OSError:
+            return []
+        handles: list[ReleaseHandle] = []
+        for directory in directories:
+            started = _read_pid_file(self.files(directory.name).pid)
+            if started is None:
+                continue  # no command ever ran (or not a release's directory)
+            command = proven_process(*started)
+            try:
+                supervisor = command.ppid() if command is not None else None
+            except psutil.Error:
+                supervisor = None
+            handles.append(ReleaseHandle(
+                runtime="process", deployment_id=directory.name, application="", host="127.0.0.1",
+                pid=started[0], pid_started_at=started[1], process_group=supervisor,
+            ))
+        return handles
+
     def _spawn(
         self, spec: ReleaseSpec, argv: list[str], files: ReleaseFiles, policy: LogPolicy
-    ) -> subprocess.Popen[bytes]:
+    ) -> tuple[subprocess.Popen[bytes], Cgroup | None, str | None]:
+        """Starts the supervisor (in the release's cgroup where there is one); returns it, the cgroup, a note."""
         files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in (files.pid, files.exit, files.stopping):
             stale.unlink(missing_ok=True)
+        cgroup, note = self._prepare_cgroup(spec.deployment_id, files)
         files.log_path.write_text(str(Path(spec.log_path).resolve()), encoding="utf-8")
         assert spec.workdir is not None
         supervisor_env = {key: os.environ[key] for key in (*INHERITED_ENV, "PYTHONPATH") if key in os.environ}
@@ -200,6 +271,7 @@ class ProcessRuntime:
             "--kill-grace", str(self.kill_grace_s),
             "--max-log-bytes", str(policy.max_bytes),
             "--env-from-stdin",
+            *(["--cgroup", str(cgroup.path)] if cgroup is not None else []),
             "--", *argv,
         ]
         # The supervisor's cwd is ours, not the workspace's: a workspace must not shadow agent modules.
@@ -216,6 +288,14 @@ class ProcessRuntime:
         # Our own child: wait for it on a thread so it never lingers as a zombie (and asyncio's
         # child watchers and psutil never reap it behind Popen's back).
         threading.Thread(target=supervisor.wait, name=f"supervisor-{supervisor.pid}", daemon=True).start()
+        if cgroup is not None:
+            # The supervisor starts the command only once stdin closes: moved now, the whole tree starts inside.
+            try:
+                cgroup.add(supervisor.pid)
+            except CgroupError as exc:
+                with contextlib.suppress(RuntimeFailure):  # an empty cgroup left over: the next sweep takes it
+                    self._end_cgroup(cgroup, files)
+                cgroup, note = None, NO_CGROUP_NOTE.format(exc)
         assert supervisor.stdin is not None
         try:
             # Secrets go on stdin, never in arguments that `ps` shows.
@@ -228,7 +308,30 @@ class ProcessRuntime:
                 supervisor.stdin.close()
             except BrokenPipeError:
                 pass
-        return supervisor
+        return supervisor, cgroup, note
+
+    def _prepare_cgroup(self, deployment_id: str, files: ReleaseFiles) -> tuple[Cgroup | None, str | None]:
+        """A fresh cgroup for the release, recorded in its files; None (and why) where there is none."""
+        files.cgroup.unlink(missing_ok=True)
+        cgroups = self.cgroups()
+        if cgroups is None:
+            return None, None
+        try:
+            return cgroups.prepare(deployment_id, files.cgroup, GONE_TIMEOUT_S), None
+        except CgroupError as exc:
+            return None, NO_CGROUP_NOTE.format(exc)
+
+    def _end_cgroup(self, cgroup: Cgroup, files: ReleaseFiles) -> None:
+        try:
+            end_cgroup(cgroup, files.cgroup, self.cgroups(), GONE_TIMEOUT_S)
+        except CgroupError as exc:
+            raise RuntimeFailure(str(exc)) from None
+
+    def _remove_stray_cgroups(self, keep: set[str]) -> int:
+        cgroups = self.cgroups()
+        if cgroups is None:
+            return 0
+        return cgroups.sweep(keep, lambda deployment_id: self.files(deployment_id).cgroup, GONE_TIMEOUT_S)
 
     async def _wait_for_pid(self, supervisor: subprocess.Popen[bytes], files: ReleaseFiles) -> tuple[int, float]:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -302,9 +405,10 @@ class ProcessRuntime:
                         group = leader
                 except OSError:
                     pass
-        if supervisor is None and command is None:
+        cgroup = recorded_cgroup(self.files(handle.deployment_id).cgroup, handle.deployment_id)
+        if supervisor is None and command is None and cgroup is None:
             return None
-        return ProcessTree(supervisor=supervisor, command=command, group=group)
+        return ProcessTree(supervisor=supervisor, command=command, group=group, cgroup=cgroup)
 
     def _last_output(self, handle: ReleaseHandle, lines: int) -> list[str]:
         if lines <= 0:

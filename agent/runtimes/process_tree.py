@@ -1,8 +1,9 @@
 """A host release's processes, proven before they are signalled, and how they are stopped.
 
 A process is ours only when its identity is proven: the command by its create time, the
-supervisor by its command line, others by being in the proven tree, group or session (see
-agent.runtimes.process). Stopping sends SIGTERM to the whole tree, waits, then SIGKILLs.
+supervisor by its command line, others by being in the proven tree, group or session, or in the
+release's own cgroup (see agent.runtimes.process and agent.runtimes.cgroups). Stopping sends
+SIGTERM to the whole tree, waits, then SIGKILLs (the cgroup at once, with `cgroup.kill`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Iterable
 
 import psutil
 
+from agent.runtimes.cgroups import Cgroup
+
 # psutil derives create times from clock ticks since boot; two readings agree far closer than this.
 CREATE_TIME_TOLERANCE_S = 0.01
 # How often stop_release looks whether signalled processes are gone.
@@ -25,11 +28,13 @@ GONE_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class ProcessTree:
-    """The proven roots of a release: its supervisor, its command, and the group/session they lead."""
+    """The proven roots of a release: its supervisor, its command, the group/session they lead, its cgroup."""
 
     supervisor: psutil.Process | None
     command: psutil.Process | None
     group: int | None
+    # Everything in it is the release's, wherever it moved in the process tree.
+    cgroup: Cgroup | None = None
 
 
 def is_alive(process: psutil.Process) -> bool:
@@ -93,7 +98,22 @@ def collect(tree: ProcessTree, known: dict[int, psutil.Process]) -> dict[int, ps
                     found.setdefault(process.pid, process)
             except OSError:
                 continue
+    if tree.cgroup is not None:
+        found.update({process.pid: process for process in cgroup_members(tree.cgroup) if process.pid not in found})
     return {pid: process for pid, process in found.items() if is_alive(process) and pid != os.getpid()}
+
+
+def cgroup_members(cgroup: Cgroup) -> list[psutil.Process]:
+    """The members of `cgroup`, each checked again once psutil pinned its create time."""
+    members = []
+    for pid in cgroup.pids():
+        try:
+            process = psutil.Process(pid)
+        except psutil.Error:
+            continue
+        if cgroup.holds(pid):
+            members.append(process)
+    return members
 
 
 def _in_group(process: psutil.Process, group: int | None) -> bool:
@@ -127,6 +147,8 @@ def kill_except_supervisor(tree: ProcessTree, processes: dict[int, psutil.Proces
 
 
 def kill_all(tree: ProcessTree, processes: dict[int, psutil.Process]) -> None:
+    if tree.cgroup is not None:
+        tree.cgroup.kill()
     if _group_still_ours(tree, processes):
         assert tree.group is not None
         killpg(tree.group, signal.SIGKILL)
@@ -165,3 +187,26 @@ async def wait_gone(processes: Iterable[psutil.Process], timeout_s: float) -> li
         if not pending or time.monotonic() >= deadline:
             return pending
         await asyncio.sleep(GONE_POLL_S)
+
+
+async def stop_tree(
+    tree: ProcessTree, processes: dict[int, psutil.Process], stopping: Path, grace_s: float, *,
+    supervisor_exit_s: float, gone_s: float,
+) -> list[psutil.Process]:
+    """SIGTERM, `grace_s`, SIGKILL to all but the supervisor, then to all; returns what SIGKILL did not end.
+
+    The supervisor goes last (given `supervisor_exit_s` to leave by itself) so that it can still
+    record the command's exit code.
+    """
+    await asyncio.to_thread(terminate, tree, processes, stopping)
+    await wait_gone(processes.values(), grace_s)
+    # Leftovers and whatever they forked meanwhile.
+    processes = await asyncio.to_thread(collect, tree, processes)
+    if not processes:
+        return []
+    await asyncio.to_thread(kill_except_supervisor, tree, processes)
+    if tree.supervisor is not None:
+        await wait_gone([tree.supervisor], supervisor_exit_s)
+    processes = await asyncio.to_thread(collect, tree, processes)
+    await asyncio.to_thread(kill_all, tree, processes)
+    return await wait_gone(processes.values(), gone_s)

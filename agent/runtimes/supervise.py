@@ -2,7 +2,7 @@
 
     python -P -m agent.runtimes.supervise --log PATH --pid-file PATH --exit-file PATH
         [--workdir DIR] [--stop-file PATH] [--kill-grace SECONDS] [--max-log-bytes N]
-        [--env-from-stdin] -- CMD...
+        [--env-from-stdin] [--cgroup DIR] -- CMD...
 
 The process runtime starts it detached from the agent (its own session), so the release and its
 log outlive an agent restart. It
@@ -16,7 +16,11 @@ log outlive an agent restart. It
 - forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to CMD, except SIGTERM while the
   stop file exists (the agent then signals the whole group, and CMD must not get it twice);
 - when CMD ends, writes its exit code (negative: the signal) to the exit file, ends what is left
-  of the tree (SIGTERM, `--kill-grace` seconds, SIGKILL) as a container's end would, and exits.
+  of the tree (SIGTERM, `--kill-grace` seconds, SIGKILL) as a container's end would, and exits;
+  with `--cgroup` (the release's own cgroup, which the agent moved the supervisor into before
+  sending stdin) "the tree" includes every other member of that cgroup, wherever it moved in
+  the process tree. The cgroup counts only while the supervisor itself is in it; once the tree
+  is gone the supervisor moves up out of it and removes it.
 
 With `--env-from-stdin` stdin holds a JSON object `{"env": {...}, "secrets": [...]}`: CMD's
 environment and the values its log masks, so that no secret shows in the supervisor's arguments
@@ -43,6 +47,7 @@ import psutil
 
 from agent.logs import DEFAULT_MAX_LOG_BYTES, DeploymentLog, LineSplitter, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE
+from agent.runtimes.cgroups import Cgroup, CgroupError
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 READ_BYTES = 64 * 1024
@@ -114,8 +119,27 @@ class Supervisor:
         for signum in self.early_signals:
             self.forward(signum)
         self.pump()
+        self.leave_cgroup()
         assert self.exit_code is not None
         return self.exit_code if self.exit_code >= 0 else 128 - self.exit_code
+
+    def leave_cgroup(self) -> None:
+        """With the tree gone: moves up out of the release's cgroup and removes it, so that an ended release leaves none.
+
+        The kernel refuses to remove a cgroup that still holds a process, so nothing that is
+        left (a process the agent must still kill) loses its cgroup.
+        """
+        cgroup = Cgroup(Path(self.args.cgroup)) if self.args.cgroup else None
+        if cgroup is None or not cgroup.holds(os.getpid()):
+            return
+        agent_directory = cgroup.path.parent
+        try:
+            Cgroup(agent_directory.parent).add(os.getpid())
+            cgroup.remove(timeout_s=0.5)
+        except CgroupError:
+            return
+        with contextlib.suppress(OSError):
+            agent_directory.rmdir()  # the agent's directory, if this was its last release
 
     def install_signal_handlers(self) -> None:
         # The wakeup fd makes the selector return for every signal, SIGCHLD included.
@@ -214,10 +238,19 @@ class Supervisor:
                     pass
 
     def descendants(self) -> list[psutil.Process]:
+        """Live descendants and, while the supervisor is in the release's cgroup, its other members."""
         try:
             children = psutil.Process().children(recursive=True)
         except psutil.Error:
             return []
+        cgroup = Cgroup(Path(self.args.cgroup)) if self.args.cgroup else None
+        if cgroup is not None and cgroup.holds(os.getpid()):
+            known = {process.pid for process in children} | {os.getpid()}
+            for pid in cgroup.pids():
+                with contextlib.suppress(psutil.Error):
+                    process = psutil.Process(pid)  # pins the create time before membership is checked
+                    if pid not in known and cgroup.holds(pid):
+                        children.append(process)
         alive = []
         for process in children:
             try:
@@ -262,6 +295,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--env-from-stdin", action="store_true", help="read the command's environment and the secrets as JSON"
     )
+    parser.add_argument("--cgroup", default=None, help="the release's own cgroup (its members are the tree's)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 
 from agent.config import Config
 from agent.errors import BuildFailed, BuildTimedOut
@@ -63,6 +63,14 @@ class Builder(Protocol):
         """After a restart: stops at once what an interrupted build left running; returns how many."""
 
 
+@runtime_checkable
+class ReattachingBuilder(Builder, Protocol):
+    """A builder whose builds outlive the agent and are taken back after a restart (builds in containers)."""
+
+    async def reattach(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        """Follows the interrupted build again and ends it as `build` does; None when its work vanished."""
+
+
 class Place(Protocol):
     """This host or a server: how clients and the agent reach a release there."""
 
@@ -107,11 +115,17 @@ class Target(Protocol):
     async def finish_build(self, deployment: Deployment, *, kept: bool) -> None:
         """After the deployment: removes what its build left, unless its release runs from it (`kept`)."""
 
-    async def reattach_build(self, deployment: Deployment) -> Built | None:
-        """After a restart: takes an interrupted build back, if its work can be found again.
+    @property
+    def reattaches_builds(self) -> bool:
+        """Whether an interrupted build of this target is taken back after a restart (else stopped and failed)."""
 
-        Re-adopting builds comes next; until then every target answers None, and the engine
-        stops what an interrupted build left (`stop_interrupted`) and fails it.
+    async def reattach_build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        """After a restart: takes an interrupted build back and ends it as `build` does; None when its work vanished.
+
+        Its log continues where it stopped; the watch hears where the work runs and how to stop
+        it. Raises BuildFailed, BuildTimedOut or StopRequested as `build` does. A target that
+        does not `reattaches_builds` always answers None: the engine stops what such a build
+        left (`stop_interrupted`) and fails it.
         """
 
     async def stop_interrupted(self, deployment: Deployment) -> int:
@@ -197,8 +211,14 @@ class TargetBase:
     async def finish_build(self, deployment: Deployment, *, kept: bool) -> None:
         await self.builder.finish(deployment, kept=kept)
 
-    async def reattach_build(self, deployment: Deployment) -> Built | None:
-        return None  # no build is re-adopted yet: an interrupted one is stopped and fails
+    @property
+    def reattaches_builds(self) -> bool:
+        return isinstance(self.builder, ReattachingBuilder)
+
+    async def reattach_build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        if not isinstance(self.builder, ReattachingBuilder):
+            return None  # a process build on a server is not taken back yet: it is stopped and fails
+        return await self.builder.reattach(deployment, log, watch)
 
     async def stop_interrupted(self, deployment: Deployment) -> int:
         removed = await self.builder.stop_work(deployment)

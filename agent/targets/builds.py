@@ -40,40 +40,64 @@ class ContainerBuilder:
 
     async def build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built:
         build = deployment.spec.build
-        assert build is not None and build.image is not None
-        commit = f"{RELEASE_REPOSITORY}/{deployment.application}:{deployment.id}" if deployment.spec.run else None
+        assert build is not None
         archive = await self.prepare_source(deployment, log)
         try:
             await watch.building()
-            containers = await self.docker()
-            watch.stop_with(lambda: containers.stop_deployment(deployment.id, self.kill_grace_s))
-
-            async def on_start(container_id: str, pid: int) -> None:
-                await watch.started(container_id=container_id, pid=pid or None)
-                logger.info("build container started", container_id=container_id[:12], pid=pid)
-
-            job = BuildJob(
-                deployment_id=deployment.id,
-                application=deployment.application,
-                image=build.image,
-                command=build.command,
-                env=build.env,
-                timeout_s=build.timeout_s,
-                workspace=workspace_of(self.config, deployment.id),
-                commit_image=commit,
-                workspace_archive=archive,
-            )
-            result = await containers.run_build(job, log, on_start)
+            containers = await self._watched_docker(deployment, watch)
+            result = await containers.run_build(self._job(deployment, archive), log, _on_start(watch))
         finally:
             if archive is not None:
                 await asyncio.to_thread(archive.unlink, True)
         return check_build(watch, build.timeout_s, result.exit_code, result.timed_out, result.image)
+
+    async def reattach(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        """After a restart: follows the build container again and ends it as `build` does; None when it is gone."""
+        build = deployment.spec.build
+        assert build is not None
+        containers = await self._watched_docker(deployment, watch)
+        result = await containers.reattach_build(self._job(deployment, None), log, _on_start(watch))
+        if result is None:
+            return None
+        return check_build(watch, build.timeout_s, result.exit_code, result.timed_out, result.image)
+
+    async def _watched_docker(self, deployment: Deployment, watch: BuildWatch) -> ContainerRuntime:
+        """The engine the build runs in, the watch told how to stop the build there."""
+        containers = await self.docker()
+        watch.stop_with(lambda: containers.stop_deployment(deployment.id, self.kill_grace_s))
+        return containers
+
+    def _job(self, deployment: Deployment, archive: Path | None) -> BuildJob:
+        build = deployment.spec.build
+        assert build is not None and build.image is not None
+        return BuildJob(
+            deployment_id=deployment.id,
+            application=deployment.application,
+            image=build.image,
+            command=build.command,
+            env=build.env,
+            timeout_s=build.timeout_s,
+            workspace=workspace_of(self.config, deployment.id),
+            # A release runs from the committed build result.
+            commit_image=f"{RELEASE_REPOSITORY}/{deployment.application}:{deployment.id}" if deployment.spec.run else None,
+            workspace_archive=archive,
+        )
 
     async def finish(self, deployment: Deployment, *, kept: bool) -> None:
         return None  # the container is gone with the build; the image is retention's
 
     async def stop_work(self, deployment: Deployment) -> int:
         return await (await self.docker()).stop_deployment(deployment.id, grace_s=0)
+
+
+def _on_start(watch: BuildWatch) -> Callable[[str, int], Awaitable[None]]:
+    """Tells the watch where the build container runs (started, or found again after a restart)."""
+
+    async def on_start(container_id: str, pid: int) -> None:
+        await watch.started(container_id=container_id, pid=pid or None)
+        logger.info("build container running", container_id=container_id[:12], pid=pid)
+
+    return on_start
 
 
 class ServerContainerBuilder(ContainerBuilder):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
+
+import structlog
 
 from agent.config import Config
 from agent.logs import DeploymentLog
@@ -15,6 +18,8 @@ from agent.runtimes.process import ProcessRuntime
 from agent.targets.base import Builder, TargetBase, ThisHost, free_local_port, release_ports
 from agent.targets.container import prune_release_images
 from agent.workspace import prepare_workspace, remove_workspace
+
+logger = structlog.get_logger("agent.targets")
 
 
 class LocalProcessTarget(TargetBase):
@@ -46,6 +51,25 @@ class LocalProcessTarget(TargetBase):
     async def resume_spec(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseSpec:
         return self.stopped_release_spec(deployment, handle, self._workdir_of(deployment.id), export_port=True)
 
+    async def start_release(self, spec: ReleaseSpec, log: DeploymentLog) -> ReleaseHandle:
+        """Starts the release; a kill meanwhile lets the start finish, then removes what it started.
+
+        Cancelled halfway, the start would leave a detached supervisor nobody knows of. The wait
+        is short: the supervisor reports its command's pid within START_TIMEOUT_S or is killed.
+        """
+        start = asyncio.ensure_future(self.processes.start_release(spec, log))
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            if not start.cancelled():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._remove_when_started(start))
+            raise
+
+    async def _remove_when_started(self, start: "asyncio.Future[ReleaseHandle]") -> None:
+        handle = await start
+        await self.processes.remove_release(handle, 0)
+
     async def can_bring_back(self, deployment: Deployment) -> bool:
         image = deployment.release_image
         origin = deployment.release_from or deployment.id
@@ -58,6 +82,21 @@ class LocalProcessTarget(TargetBase):
 
     async def remove_release_files(self, deployment: Deployment, kept_origins: set[str]) -> None:
         await remove_workspace(self._workdir_of(deployment.id))
+
+    async def remove_leftovers(self, current: set[str]) -> int:
+        """Stops and removes the process releases of no current deployment (only what their own files prove)."""
+        removed = 0
+        for handle in await self.processes.recorded_releases():
+            if handle.deployment_id in current:
+                continue
+            running = await self.processes.adopt(handle)
+            await self.processes.remove_release(handle, 0)
+            if running:
+                removed += 1
+                logger.info("removed an orphan process release", deployment_id=handle.deployment_id, pid=handle.pid)
+        # Cgroups of releases no pid file records (the agent died before the command ran) hold ours too.
+        removed += await self.processes.remove_stray_cgroups(current)
+        return removed
 
     def _workdir_of(self, deployment_id: str) -> Path:
         return self.config.releases_dir / deployment_id

@@ -19,6 +19,8 @@ import psutil
 import pytest
 import requests
 
+from agent.runtimes.cgroups import ReleaseCgroups
+
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
 WRITE_TOKEN = "write-token-0123456789abcdef"
@@ -194,6 +196,14 @@ def _remove_leftovers(client: docker.DockerClient, agents: list[AgentProcess]) -
                     os.killpg(group, signal.SIGKILL)
     for directory in dirs:
         shutil.rmtree(directory, ignore_errors=True)
+    for agent in agents:
+        # Local host-process releases live in cgroups of their agent's own: end them with it.
+        cgroups = ReleaseCgroups.discover(agent.state_dir / "run")
+        if cgroups is not None:
+            for deployment_id in cgroups.deployment_ids():
+                with contextlib.suppress(Exception):
+                    cgroups.of(deployment_id).destroy(5.0)
+            cgroups.tidy()
 
 
 @pytest.fixture

@@ -1,4 +1,11 @@
-"""Builds in Docker containers: create, copy the workspace in, attach, start, wait, commit, remove.
+"""Builds in Docker containers: create, copy the workspace in, start, follow, wait, commit, remove.
+
+A build's output is read back from its Docker log (build_output), from its start on a first
+run and from where the deployment log stopped when a restarted agent takes it back
+(`Builds.reattach`): one path for both. The timeout counts from the container's real start.
+
+It runs past 400 lines for a reason: the first run and the re-adoption share one path
+(follow, wait, timeout, commit, cleanup), and splitting it would split that path.
 
 The commit is of a fresh container of the build image holding only the built /workspace, so
 the release image carries none of the build's environment (see Builds._commit).
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Awaitable, Callable, Mapping
@@ -31,15 +39,37 @@ from agent.runtimes.docker.gateway import (
     DockerGateway,
     command_line,
     create_idle_container,
+    is_running,
     retrieve,
+)
+from agent.runtimes.docker.build_output import (
+    BuildOutputCopier,
+    count_output_lines,
+    cursor_path,
+    docker_time,
+    load_cursor,
+    open_build_logs,
+    remove_cursor,
 )
 from agent.runtimes.docker.hardening import create_running_host_config
 from agent.runtimes.docker.images import WORKSPACE, Images, archive_workspace
-from agent.runtimes.docker.output import OUTPUT_DRAIN_S, pump_output
+from agent.runtimes.docker.output import OUTPUT_DRAIN_S
 
 STAGE = "build"
+RECOVERY_STAGE = "recovery"
 # Exit code reported when the container vanished before its exit code could be read (as SIGKILL).
 UNKNOWN_EXIT_CODE = 137
+# Docker keeps the build's output (json-file) so that what it writes while the agent is away is
+# still there to copy when the agent comes back; capped, so that an endless build cannot fill the
+# disk (the deployment log has its own cap, agent.max_log_bytes). One large file rather than
+# several small ones: a followed json-file log loses lines when it rotates (Docker 20.10 reads
+# on from the new file and skips what the reader had not reached), and JSON makes each line
+# about 1.6 times longer, so 512 MiB holds well over the default 100 MiB deployment log.
+BUILD_LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "512m", "max-file": "2"}}
+# The states of a build container that a restarted agent takes back: it runs, or it ended by itself.
+ADOPTABLE_STATES = ("running", "exited")
+
+OnStart = Callable[[str, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -90,18 +120,54 @@ class Builds:
         # The builds running now, by deployment id.
         self._sessions: dict[str, _BuildSession] = {}
 
-    async def run(
-        self, job: BuildJob, log: DeploymentLog, on_start: Callable[[str, int], Awaitable[None]]
-    ) -> BuildResult:
+    async def run(self, job: BuildJob, log: DeploymentLog, on_start: OnStart) -> BuildResult:
         """Runs the build command in a fresh container and always removes the container after."""
         await self._images.ensure(job.image, log, STAGE)
         container_id = await self._gateway.create_cancel_safe(
             "creating the build container", lambda client: self._create_container(client, job)
         )
-        session = _BuildSession(container_id)
+        return await self._supervise(_BuildSession(container_id), job, log, self._start_container(job, log, on_start))
+
+    async def reattach(self, job: BuildJob, log: DeploymentLog, on_found: OnStart) -> BuildResult | None:
+        """After an agent restart: follows the deployment's build container again, from where its log stopped.
+
+        It ends as `run` does (waited for, its timeout counted from its real start, committed,
+        removed). None when no build container of the deployment runs or ended by itself: it is
+        gone (or never started), and whatever is left of it is removed.
+        """
+        label = f"{DEPLOYMENT_LABEL}={job.deployment_id}"
+        # A snapshot container of a commit the agent did not finish: the commit is made again.
+        for entry in await self._gateway.list_containers(SNAPSHOT_ROLE, label):
+            await self._gateway.remove_container(entry["Id"])
+        found = await self._gateway.list_containers(BUILD_ROLE, label)
+        details = await self._gateway.inspect_or_none(found[0]["Id"]) if found else None
+        state = (details or {}).get("State") or {}
+        if details is None or state.get("Status") not in ADOPTABLE_STATES:
+            for entry in found:
+                await self._gateway.remove_container(entry["Id"])
+            await self._gateway.in_thread(functools.partial(remove_cursor, cursor_path(log.path)))
+            return None
+        container_id = str(details["Id"])
+
+        async def follow(session: _BuildSession) -> BuildResult:
+            log.agent(
+                RECOVERY_STAGE,
+                f"the agent restarted while the build ran; following build container {container_id[:12]} "
+                "again from where this log stopped",
+            )
+            await on_found(container_id, int(state.get("Pid") or 0))
+            return await self._follow(session, job, log, details, resuming=True)
+
+        return await self._supervise(_BuildSession(container_id), job, log, follow)
+
+    async def _supervise(
+        self, session: _BuildSession, job: BuildJob, log: DeploymentLog,
+        work: Callable[[_BuildSession], Awaitable[BuildResult]],
+    ) -> BuildResult:
+        """Runs `work` on the session's container; whatever happens, removes the container and the cursor after."""
         self._sessions[job.deployment_id] = session
         try:
-            return await self._run_container(session, job, log, on_start)
+            return await work(session)
         except ContainerMissing as exc:
             log.agent(STAGE, f"the build container was removed while the build ran ({exc.message})")
             return BuildResult(exit_code=_exit_code_of(session.waiting), timed_out=False, image=None)
@@ -109,7 +175,7 @@ class Builds:
             if self._sessions.get(job.deployment_id) is session:
                 del self._sessions[job.deployment_id]
             # Shielded: a second cancellation must not leave the container behind.
-            await asyncio.shield(self._discard_session(session))
+            await asyncio.shield(self._discard_session(session, cursor_path(log.path)))
 
     async def stop_deployment(self, deployment_id: str, grace_s: float) -> int:
         """Stops (SIGTERM, SIGKILL after `grace_s`) and removes the deployment's build and snapshot containers."""
@@ -121,11 +187,14 @@ class Builds:
         return len(containers)
 
     async def remove_containers(self, keep: Callable[[str], bool]) -> list[str]:
-        """Removes build and snapshot containers whose deployment `keep` rejects; returns those deployment ids."""
+        """Removes build and snapshot containers whose deployment `keep` rejects; returns those deployment ids.
+
+        The containers of builds this agent runs or re-adopted are never leftovers: they stay.
+        """
         removed: list[str] = []
         for entry in await self._list_containers():
             deployment_id = (entry.get("Labels") or {}).get(DEPLOYMENT_LABEL)
-            if not deployment_id or keep(deployment_id):
+            if not deployment_id or keep(deployment_id) or deployment_id in self._sessions:
                 continue
             await self._gateway.remove_container(entry["Id"])
             if deployment_id not in removed:
@@ -147,8 +216,7 @@ class Builds:
             pids=settings.build_pids,
             # Half the default CPU weight: a busy build never starves the agent serving the API.
             cpu_shares=512,
-            # The agent streams output itself; Docker keeping a second copy costs CPU and disk.
-            log_config={"Type": "none", "Config": {}},
+            log_config=BUILD_LOG_CONFIG,
         )
         labels = {DEPLOYMENT_LABEL: job.deployment_id, APPLICATION_LABEL: job.application, ROLE_LABEL: BUILD_ROLE}
         if self._gateway.instance is not None:
@@ -166,26 +234,43 @@ class Builds:
         )
         return str(created["Id"])
 
-    async def _run_container(
-        self,
-        session: _BuildSession,
-        job: BuildJob,
-        log: DeploymentLog,
-        on_start: Callable[[str, int], Awaitable[None]],
-    ) -> BuildResult:
-        container_id = session.container_id
-        await self._copy_workspace(container_id, job.workspace)
-        if job.workspace_archive is not None:
-            await self._copy_archive(container_id, job.workspace_archive)
-        # Attached before the start, so that not one line of early output is missed.
-        session.stream = await self._gateway.attach(container_id, "attaching to the build container")
-        session.pump = self._gateway.start_background(functools.partial(pump_output, session.stream, log, STAGE))
-        log.agent(STAGE, f"starting build container {container_id[:12]} from {job.image}")
-        await self._gateway.start(container_id, "starting the build container")
-        details = await self._gateway.inspect(container_id, "inspecting the build container")
-        await on_start(container_id, int((details.get("State") or {}).get("Pid") or 0))
+    def _start_container(
+        self, job: BuildJob, log: DeploymentLog, on_start: OnStart
+    ) -> Callable[[_BuildSession], Awaitable[BuildResult]]:
+        """The work of a first run: copy the workspace in, start, then follow as a re-adoption does."""
 
-        exit_code, timed_out = await self._wait_for_exit(session, job, log)
+        async def start(session: _BuildSession) -> BuildResult:
+            container_id = session.container_id
+            await self._copy_workspace(container_id, job.workspace)
+            if job.workspace_archive is not None:
+                await self._copy_archive(container_id, job.workspace_archive)
+            log.agent(STAGE, f"starting build container {container_id[:12]} from {job.image}")
+            await self._gateway.start(container_id, "starting the build container")
+            details = await self._gateway.inspect(container_id, "inspecting the build container")
+            await on_start(container_id, int((details.get("State") or {}).get("Pid") or 0))
+            return await self._follow(session, job, log, details, resuming=False)
+
+        return start
+
+    async def _follow(
+        self, session: _BuildSession, job: BuildJob, log: DeploymentLog, details: dict[str, Any], *, resuming: bool
+    ) -> BuildResult:
+        """Copies the container's output into the log (from the cursor when `resuming`), waits for its end, commits."""
+        container_id = session.container_id
+        copier, since = await self._gateway.in_thread(functools.partial(_prepare_copier, log, resuming))
+        # Docker's log holds everything from the start: opened after the start, nothing is missed.
+        session.stream = await self._gateway.call(
+            "reading the build output", lambda client: open_build_logs(client, container_id, since)
+        )
+        session.pump = self._gateway.start_background(functools.partial(copier.copy, session.stream))
+        state = details.get("State") or {}
+        if resuming and not is_running(state):
+            exit_code, timed_out = _ended_while_away(state, job, log)
+        else:
+            # On a first run the clocks of agent and engine need not agree: the timeout starts now.
+            started = docker_time(state.get("StartedAt")) if resuming else None
+            elapsed = max(0.0, time.time() - started) if started is not None else 0.0
+            exit_code, timed_out = await self._wait_for_exit(session, job, log, job.timeout_s - elapsed)
         await self._drain_output(session, log)
         if timed_out:
             return BuildResult(exit_code=exit_code, timed_out=True, image=None)
@@ -225,14 +310,16 @@ class Builds:
         finally:
             archive.close()
 
-    async def _wait_for_exit(self, session: _BuildSession, job: BuildJob, log: DeploymentLog) -> tuple[int, bool]:
-        """Waits at most the job's timeout for the container to exit; stops it on expiry."""
+    async def _wait_for_exit(
+        self, session: _BuildSession, job: BuildJob, log: DeploymentLog, remaining_s: float
+    ) -> tuple[int, bool]:
+        """Waits at most `remaining_s` (what is left of the job's timeout) for the container to exit; stops it on expiry."""
         container_id = session.container_id
         session.waiting = asyncio.ensure_future(
             self._gateway.call("waiting for the build container", lambda client: client.api.wait(container_id))
         )
         session.waiting.add_done_callback(retrieve)
-        done, _ = await asyncio.wait({session.waiting}, timeout=job.timeout_s)
+        done, _ = await asyncio.wait({session.waiting}, timeout=max(0.0, remaining_s))
         timed_out = not done
         if timed_out:
             log.agent(STAGE, f"build timed out after {job.timeout_s:g}s; stopping")
@@ -300,14 +387,41 @@ class Builds:
         log.agent(STAGE, f"committed the build result as image {reference}")
         return reference
 
-    async def _discard_session(self, session: _BuildSession) -> None:
-        """Removes the container, closes its stream and lets the build's threads finish."""
+    async def _discard_session(self, session: _BuildSession, cursor_file: Path) -> None:
+        """Removes the container, closes its stream, lets the build's threads finish, and removes the cursor."""
         with contextlib.suppress(RuntimeFailure):
             await self._gateway.remove_container(session.container_id)
         await self._gateway.close_stream(session.stream)
         pending = [future for future in (session.pump, session.waiting) if future is not None]
         if pending:
             await asyncio.wait(pending, timeout=OUTPUT_DRAIN_S)
+        await self._gateway.in_thread(functools.partial(remove_cursor, cursor_file))
+
+
+def _prepare_copier(log: DeploymentLog, resuming: bool) -> tuple[BuildOutputCopier, int | None]:
+    """The copier of the build's output and where to read Docker's log from; file work, run in a thread.
+
+    Resuming, it passes over what the log already holds: the frames up to the saved cursor, then
+    the output lines the log got after the cursor was saved (counted in the log itself).
+    """
+    cursor_file = cursor_path(log.path)
+    if not resuming:
+        remove_cursor(cursor_file)
+        return BuildOutputCopier(log, STAGE, cursor_file), None
+    cursor = load_cursor(cursor_file)
+    written_after = count_output_lines(log.path, cursor.log_bytes if cursor else 0, STAGE)
+    copier = BuildOutputCopier(log, STAGE, cursor_file, cursor, skip_lines=written_after)
+    return copier, cursor.since if cursor else None
+
+
+def _ended_while_away(state: dict[str, Any], job: BuildJob, log: DeploymentLog) -> tuple[int, bool]:
+    """The exit code of a build that ended while the agent was away, and whether it ran past its timeout."""
+    exit_code = int(state.get("ExitCode", UNKNOWN_EXIT_CODE))
+    started, finished = docker_time(state.get("StartedAt")), docker_time(state.get("FinishedAt"))
+    timed_out = started is not None and finished is not None and finished - started > job.timeout_s
+    if timed_out:
+        log.agent(STAGE, f"build timed out after {job.timeout_s:g}s while the agent was away")
+    return exit_code, timed_out
 
 
 def _exit_code_of(waiting: asyncio.Future[dict[str, Any]] | None) -> int:

@@ -51,6 +51,20 @@ class ContainerMissing(RuntimeFailure):
     """Docker answered 404: the container (or image) is not there, e.g. removed by stop_deployment."""
 
 
+class EngineUnreachable(Unavailable, RuntimeFailure):
+    """The engine did not answer at all (stopped, restarting, socket gone): 503 to a request.
+
+    A RuntimeFailure too, so that cleanup which tolerates a failed Docker call (removing a
+    finished build's container) tolerates this one and lets the build's own result through.
+    `reason` is why, without the "Docker engine unreachable" its message starts with.
+    """
+
+    def __init__(self, action: str | None, reason: str) -> None:
+        prefix = f"{action} failed: " if action else ""
+        super().__init__(f"{prefix}Docker engine unreachable: {reason}")
+        self.reason = reason
+
+
 class DockerGateway:
     """The docker client of one engine and the thread pools its blocking calls run on."""
 
@@ -82,7 +96,7 @@ class DockerGateway:
         try:
             version = await self.in_thread(lambda: self._docker().version())
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the engine is not usable
-            raise Unavailable(f"Docker engine unreachable: {explain(exc)}") from exc
+            raise EngineUnreachable(None, explain(exc)) from exc
         return str(version.get("Version", "unknown"))
 
     async def call(self, action: str, function: Callable[[docker.DockerClient], T]) -> T:
@@ -94,7 +108,7 @@ class DockerGateway:
         except docker.errors.APIError as exc:
             raise RuntimeFailure(f"{action} failed: {explain(exc)}") from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-            raise Unavailable(f"{action} failed: Docker engine unreachable: {exc}") from exc
+            raise EngineUnreachable(action, explain(exc)) from exc
 
     async def in_thread(self, function: Callable[[], T]) -> T:
         """Runs a short blocking call on the pool."""

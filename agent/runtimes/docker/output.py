@@ -1,4 +1,6 @@
-"""Following container output into deployment logs: a build's while it runs, a release's across Docker's restarts of it.
+"""Following a release container's output into its deployment log, across Docker's restarts of it.
+
+(A build's output is read back from its Docker log instead: agent.runtimes.docker.build_output.)
 
 A release's follower reads its attach stream on the gateway's stream pool until the container
 stops; when Docker restarts it (restart policy, or the engine coming back), the follower

@@ -1,0 +1,347 @@
+"""A build's output, read back from its container's Docker log into the deployment log.
+
+Docker keeps what a build writes while the agent is away (its json-file log); the copier
+reads that log, and a cursor file next to the deployment log (`logs/<id>.build-cursor`)
+says how far the copy got, so that a restarted agent continues exactly there: no line
+lost, none repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import docker
+from docker.types.daemon import CancellableStream
+
+from agent.logs import LOG_FILE_MODE, MAX_LINE_BYTES, READ_CHUNK_BYTES, DeploymentLog, LineSplitter
+from agent.runtimes.docker.gateway import explain
+
+BUILD_CURSOR_SUFFIX = ".build-cursor"
+# How often, at most, the copy's cursor is written: per line would cost the API its speed.
+CURSOR_SAVE_S = 0.25
+# Docker's multiplexed stream: a frame is an 8-byte header (stream, 3 zero bytes, length), then its payload.
+_FRAME_HEADER = 8
+_STREAM_NAMES = {1: "stdout", 2: "stderr"}
+_READ_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class BuildCursor:
+    """How far a build's output was copied: Docker's frame and the deployment log's size just after it.
+
+    `stamp` is the Docker timestamp of the last frame copied and `frames` how many frames carried
+    it up to there (the pieces of a long line share one stamp); `log_bytes` is the log's size
+    once the lines of those frames were written; `since` is where to read Docker's log from
+    again (Unix seconds, a little before `stamp`). A cursor is only taken where no line is
+    unfinished, so that lines are split the same way when the copy resumes.
+    """
+
+    stamp: str
+    frames: int
+    log_bytes: int
+    since: int
+
+
+def cursor_path(log_path: Path) -> Path:
+    """The cursor file of a deployment's build output: `logs/<id>.build-cursor`."""
+    return Path(log_path).with_suffix(BUILD_CURSOR_SUFFIX)
+
+
+def load_cursor(path: Path) -> BuildCursor | None:
+    """The saved cursor, or None when there is none (or it is unreadable: the copy starts over)."""
+    try:
+        fields = json.loads(path.read_text())
+        return BuildCursor(str(fields["stamp"]), int(fields["frames"]), int(fields["log_bytes"]), int(fields["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_cursor(path: Path, cursor: BuildCursor) -> None:
+    """Replaces the cursor file in one step: a kill leaves the old cursor or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOG_FILE_MODE)
+    with open(descriptor, "w") as handle:
+        handle.write(json.dumps(asdict(cursor)))
+    os.replace(temporary, path)
+
+
+def remove_cursor(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def count_output_lines(log_path: Path, offset: int, stage: str) -> int:
+    """How many output lines (stdout, stderr) of `stage` the log holds after byte `offset`."""
+    wanted = (f" {stage} stdout | ".encode(), f" {stage} stderr | ".encode())
+    count = 0
+    pending = b""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(offset)
+            while chunk := handle.read(READ_CHUNK_BYTES):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                count += sum(1 for line in lines if _is_output_of(line, wanted))
+    except FileNotFoundError:
+        return 0
+    return count + (1 if pending and _is_output_of(pending, wanted) else 0)
+
+
+def _is_output_of(line: bytes, wanted: tuple[bytes, bytes]) -> bool:
+    # "<time> <stage> <stream> | <text>": the time holds no space, so the marker sits after the first one.
+    space = line.find(b" ")
+    return space >= 0 and line.startswith(wanted, space)
+
+
+def docker_time(value: str | None) -> float | None:
+    """A Docker timestamp (RFC 3339, nanoseconds) as Unix seconds; None for Docker's zero time or garbage."""
+    if not value or value.startswith("0001-"):
+        return None
+    try:
+        head, _, rest = value.partition(".")
+        moment = datetime.strptime(head[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    digits = "".join(character for character in rest[:9] if character.isdigit())
+    return moment.timestamp() + (int(digits) / 10 ** len(digits) if digits else 0.0)
+
+
+def open_build_logs(client: docker.DockerClient, container_id: str, since: int | None) -> CancellableStream:
+    """The container's Docker log (stdout, stderr, timestamps), followed until it stops; raw multiplexed bytes.
+
+    The SDK's `logs` drops which stream a frame came from, so the endpoint is read here, the
+    way the SDK itself reads it. Runs in a pool thread.
+    """
+    api = client.api
+    params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 1, "tail": "all"}
+    if since is not None and since > 0:
+        params["since"] = since
+    response = api._get(api._url("/containers/{0}/logs", container_id), params=params, stream=True)
+    api._raise_for_status(response)
+    # No read timeout: a build may print nothing for longer than the client's timeout.
+    api._disable_socket_timeout(api._get_raw_response_socket(response))
+
+    return CancellableStream(_body_of(response), response)
+
+
+def _body_of(response: Any) -> Iterator[bytes]:
+    """The response body as it arrives: all that has come in per read, without waiting for a full buffer.
+
+    Docker sends each log frame as an HTTP chunk of its own, and the HTTP client hands chunks
+    over one at a time: a build printing fast would cost one trip through the copier per line.
+    Read from the connection's buffer directly (as the SDK reaches its socket), a read takes
+    every chunk that is waiting, and the copier handles them as one batch.
+    """
+    source = response.raw._fp  # the http.client response under urllib3's
+    connection = source.fp
+    if not source.chunked:
+        while data := connection.read1(_READ_BYTES):
+            yield data
+        return
+    dechunker = _Dechunker()
+    while not dechunker.done and (data := connection.read1(_READ_BYTES)):
+        if body := dechunker.feed(data):
+            yield body
+
+
+class _Dechunker:
+    """Undoes HTTP/1.1 chunked transfer coding, fed as bytes arrive."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._buffer = bytearray()
+        self._left = 0  # bytes of the current chunk still to come
+        self._crlf = False  # the CRLF after a chunk's data is still to come
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer
+        buffer += data
+        position, end = 0, len(buffer)
+        pieces: list[bytes] = []
+        while position < end and not self.done:
+            if self._left:
+                take = min(self._left, end - position)
+                pieces.append(bytes(buffer[position : position + take]))
+                position += take
+                self._left -= take
+                self._crlf = not self._left
+            elif self._crlf:
+                if end - position < 2:
+                    break
+                position += 2
+                self._crlf = False
+            else:
+                line_end = buffer.find(b"\r\n", position)
+                if line_end < 0:
+                    break
+                size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+                position = line_end + 2
+                self.done = size == 0
+                self._left = size
+        del buffer[:position]
+        return b"".join(pieces)
+
+
+class _Position:
+    """Where a copy is in Docker's log: the last frame's stamp and how many frames carried each stamp still in play."""
+
+    def __init__(self) -> None:
+        self.stamp = ""
+        self._counts: dict[str, int] = {}
+        # Each stream's unfinished line (Docker's partial messages), by the stamp its pieces share.
+        self.unfinished: dict[str, str] = {}
+
+    def see(self, stream: str, stamp: str, complete: bool) -> int:
+        """Counts one frame; returns how many frames carried its stamp so far."""
+        count = self._counts.get(stamp, 0) + 1
+        self._counts[stamp] = count
+        self.stamp = stamp
+        if complete:
+            self.unfinished.pop(stream, None)
+        else:
+            self.unfinished[stream] = stamp
+        if len(self._counts) > 3:
+            # Only the last stamp and those of unfinished lines can be carried by a later frame.
+            in_play = {stamp, *self.unfinished.values()}
+            self._counts = {key: value for key, value in self._counts.items() if key in in_play}
+        return count
+
+    def count_of(self, stamp: str) -> int:
+        return self._counts.get(stamp, 0)
+
+
+class BuildOutputCopier:
+    """Copies a build container's Docker log into the deployment log, from a cursor on; runs in a pool thread.
+
+    On a first run it copies everything. When resumed from `cursor`, frames up to the cursor are
+    passed over, and then the first `skip_lines` output lines, which the log got after the cursor
+    was saved. Lines are batched per read, and the cursor is saved at most every CURSOR_SAVE_S,
+    after the lines it covers.
+    """
+
+    def __init__(
+        self, log: DeploymentLog, stage: str, cursor_file: Path, cursor: BuildCursor | None = None, skip_lines: int = 0
+    ) -> None:
+        self._log = log
+        self._stage = stage
+        self._cursor_file = cursor_file
+        self._resume_at = cursor
+        self._skip_lines = skip_lines
+        self._first_frame = True
+        self._splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self._position = _Position()
+        self._batch: list[tuple[str, list[str]]] = []
+        self._saved_at = time.monotonic()
+        self._unsaved = False
+
+    def copy(self, stream: CancellableStream, closing: threading.Event | None = None) -> None:
+        """Copies until the stream ends (the container stopped) or is closed (`closing`: on purpose)."""
+        buffer = bytearray()
+        try:
+            for chunk in stream:
+                buffer += chunk
+                del buffer[: self._take_frames(buffer)]
+                self._write_batch()
+                self._save_cursor_now_and_then()
+        except Exception as exc:  # noqa: BLE001 - a broken stream loses output, not the build
+            if closing is None or not closing.is_set():
+                self._log.agent(self._stage, f"the output stream broke: {explain(exc)}")
+        finally:
+            if closing is None or not closing.is_set():
+                # The container's last line may lack its newline; let go on purpose, it is read again later.
+                for name, splitter in self._splitters.items():
+                    self._emit(name, splitter.flush())
+            self._write_batch()
+
+    def _take_frames(self, buffer: bytearray) -> int:
+        """Handles every whole frame in `buffer`; returns how many bytes they took."""
+        position, end = 0, len(buffer)
+        while end - position >= _FRAME_HEADER:
+            length = int.from_bytes(buffer[position + 4 : position + _FRAME_HEADER], "big")
+            start = position + _FRAME_HEADER
+            if end - start < length:
+                break
+            self._take_frame(_STREAM_NAMES.get(buffer[position], "stderr"), bytes(buffer[start : start + length]))
+            position = start + length
+        return position
+
+    def _take_frame(self, stream: str, payload: bytes) -> None:
+        stamp, _, text = payload.partition(b" ")
+        stamp_text = stamp.decode("ascii", "replace")
+        # A whole line in one frame (the usual case), after no unfinished one: no splitting needed.
+        whole = (
+            stream not in self._position.unfinished and len(text) <= MAX_LINE_BYTES
+            and text.find(b"\n") == len(text) - 1
+        )
+        count = self._position.see(stream, stamp_text, text.endswith(b"\n"))
+        if self._resume_at is not None:
+            if self._first_frame and _rotated_past(stamp_text, self._resume_at):
+                self._log.agent(self._stage, "Docker's log no longer holds all the output written while the agent was away")
+                self._resume_at, self._skip_lines = None, 0
+            else:
+                self._first_frame = False
+                if stamp_text == self._resume_at.stamp and count >= self._resume_at.frames:
+                    self._resume_at = None  # this frame was the cursor's: the next one is new
+                return
+        self._first_frame = False
+        if whole:
+            # Exactly what LineSplitter makes of it, at a fraction of the cost.
+            self._emit(stream, [text[:-1].rstrip(b"\r").decode("utf-8", errors="replace")])
+        else:
+            self._emit(stream, self._splitters[stream].feed(text))
+        self._unsaved = True
+
+    def _emit(self, stream: str, lines: list[str]) -> None:
+        if self._skip_lines and lines:
+            skipped = min(self._skip_lines, len(lines))
+            self._skip_lines -= skipped
+            lines = lines[skipped:]
+        if not lines:
+            return
+        if self._batch and self._batch[-1][0] == stream:
+            self._batch[-1][1].extend(lines)
+        else:
+            self._batch.append((stream, lines))
+
+    def _write_batch(self) -> None:
+        for stream, lines in self._batch:
+            self._log.write_lines(self._stage, stream, lines)
+        self._batch = []
+
+    def _save_cursor_now_and_then(self) -> None:
+        # Only where no line is unfinished: the lines after it are then split alike on a resume.
+        if not self._unsaved or self._position.unfinished or self._resume_at is not None:
+            return
+        now = time.monotonic()
+        if now - self._saved_at < CURSOR_SAVE_S:
+            return
+        stamp = self._position.stamp
+        seconds = docker_time(stamp)
+        if seconds is None:
+            return
+        cursor = BuildCursor(
+            stamp=stamp, frames=self._position.count_of(stamp), log_bytes=self._log_size(), since=int(seconds) - 1
+        )
+        save_cursor(self._cursor_file, cursor)
+        self._saved_at, self._unsaved = now, False
+
+    def _log_size(self) -> int:
+        try:
+            return os.stat(self._log.path).st_size
+        except FileNotFoundError:
+            return 0
+
+
+def _rotated_past(stamp: str, cursor: BuildCursor) -> bool:
+    """Whether the first frame Docker still has comes well after the cursor: the frames between were rotated away."""
+    seconds, at = docker_time(stamp), docker_time(cursor.stamp)
+    # A second of slack: stdout and stderr are stamped apart and written in either order.
+    return seconds is not None and at is not None and seconds > at + 1.0
