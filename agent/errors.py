@@ -240,6 +240,12 @@ class WorkLost(AgentError):
     error_type = "lost"
 
 
+class DockerUnavailable(DeploymentFailure):
+    """The Docker engine went away during the build and the build's container did not survive."""
+
+    error_type = "docker_unavailable"
+
+
 class ReleaseUnhealthy(DeploymentFailure):
     """The new release ran but did not pass its health check; `smoke_test` says how."""
 

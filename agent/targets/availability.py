@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
-from agent.errors import AgentError, BuildTimedOut, DeploymentFailure, Unavailable
+from agent.errors import AgentError, BuildTimedOut, DeploymentFailure, DockerUnavailable, Unavailable
 from agent.logs import DeploymentLog
 from agent.models import Deployment
 from agent.runtimes.docker.gateway import EngineUnreachable
@@ -43,12 +43,6 @@ WINDOW_POLL_S = 0.1
 
 Ping = Callable[[], Awaitable[str]]
 Reattach = Callable[[Deployment], Awaitable["Built | None"]]
-
-
-class DockerUnavailable(DeploymentFailure):
-    """The Docker engine went away during the build and the build's container did not survive."""
-
-    error_type = "docker_unavailable"
 
 
 class EngineGate:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import urllib.request
@@ -40,10 +41,13 @@ def deploy(agent: AgentProcess, body: dict[str, Any], status: str = "succeeded")
     return final
 
 
-def release_containers(client: docker.DockerClient, application: str) -> list:
-    return client.containers.list(
-        all=True, filters={"label": [f"deploy-agent.application={application}", "deploy-agent.role=release"]}
-    )
+def release_containers(client: docker.DockerClient, application: str, agent: AgentProcess | None = None) -> list:
+    """The application's release containers; only `agent`'s when given (other tests' agents deploy "web" too)."""
+    labels = [f"deploy-agent.application={application}", "deploy-agent.role=release"]
+    if agent is not None:
+        instance = hashlib.sha256(str(agent.state_dir.resolve()).encode("utf-8")).hexdigest()[:16]
+        labels.append(f"deploy-agent.instance={instance}")
+    return client.containers.list(all=True, filters={"label": labels})
 
 
 def test_container_release_answers_on_its_url(agent: AgentProcess, docker_client: docker.DockerClient) -> None:
@@ -102,7 +106,7 @@ def test_upgrade_switches_only_after_the_new_release_is_healthy(
         poller.join()
     assert failures == []
     assert "v1" in answers and answers[-1] == "v2"
-    assert [c.id for c in release_containers(docker_client, "web")] == [final["container_id"]]
+    assert [c.id for c in release_containers(docker_client, "web", agent)] == [final["container_id"]]
     assert agent.get(first["id"])["pid"] is None
 
 
@@ -151,7 +155,7 @@ def test_fixed_host_port_upgrade_and_failure_path(agent: AgentProcess, docker_cl
     assert first["url"] == f"http://127.0.0.1:{port}" and fetch(url) == "v1"
     second = deploy(agent, web_request("v2", run={"host_port": port}))
     assert fetch(url) == "v2"
-    assert [c.id for c in release_containers(docker_client, "web")] == [second["container_id"]]
+    assert [c.id for c in release_containers(docker_client, "web", agent)] == [second["container_id"]]
     broken = deploy(agent, web_request("v3", run={"host_port": port}, health={"path": "/missing", "retries": 2}), "failed")
     assert broken["error"]["type"] == "health_check_failed"
     deadline = time.monotonic() + 10
