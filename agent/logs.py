@@ -290,6 +290,16 @@ class DeploymentLog:
                 self._unwritten += sum(len(prefix.encode("utf-8")) + 1 + len(line.encode("utf-8")) for line in lines)
                 return
             room = 0 if self._dropped else self.policy.max_bytes - self._size()
+            # All lines at once, with whole-string operations: the usual case, while the log has room.
+            # Masking the joined lines is masking each: no secret holds a newline (see maskable).
+            block = self.mask("\n".join(lines)).replace("\n", "\n" + prefix)
+            data = f"{prefix}{block}\n".encode("utf-8")
+            if len(data) <= room:
+                self._last_stage = stage
+                if not self._append(data):
+                    return
+                _listeners.notify(self._key)
+                return
             kept: list[bytes] = []
             for index, line in enumerate(lines):
                 data = f"{prefix}{self.mask(line)}\n".encode("utf-8")

@@ -65,10 +65,12 @@ class ContainerRuntime:
         kill_grace_s: float = 10.0,
         instance: str | None = None,
         max_release_streams: int = MAX_RELEASE_STREAMS,
+        engine_here: bool = True,
     ) -> None:
         self._gateway = DockerGateway(settings, max_streams, instance, max_release_streams)
         self._images = Images(self._gateway)
-        self._builds = Builds(self._gateway, self._images, kill_grace_s=kill_grace_s)
+        # An engine on this host (`engine_here`): build output is read from its log files directly.
+        self._builds = Builds(self._gateway, self._images, kill_grace_s=kill_grace_s, engine_here=engine_here)
         self._releases = Releases(self._gateway, self._images)
         self._closed = False
 

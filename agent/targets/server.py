@@ -51,7 +51,7 @@ class RemoteServer:
             settings = dataclasses.replace(self.config.docker, url=f"unix://{socket_path}")
             self._docker = ContainerRuntime(
                 settings, max_streams=self.config.agent.max_concurrent, kill_grace_s=self._kill_grace_s,
-                instance=self._instance,
+                instance=self._instance, engine_here=False,
             )
         return self._docker
 

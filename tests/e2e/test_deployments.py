@@ -322,14 +322,14 @@ def test_metrics_expose_status_counts_and_build_durations(agent: AgentProcess) -
     assert "deploy_agent_build_duration_seconds_count" in text
 
 
-def test_api_stays_responsive_while_four_builds_stream(agent: AgentProcess) -> None:
-    """Four builds streaming output flat out: 99% of API requests answer within 500 ms, none beyond 1 s.
+@pytest.mark.alone
+def test_api_answers_within_100ms_while_four_builds_stream(agent: AgentProcess) -> None:
+    """Four builds streaming output flat out: 99% of API requests answer within 100 ms, none beyond 250 ms.
 
     The builds saturate both cores of the test machine; a single request can lose a CPU
     time slice to them, so the bound is on the 99th percentile, with a hard cap on the worst.
-    The bound was 100 ms while build output bypassed Docker's log; since builds keep their
-    output in a json-file log (so a restarted agent loses none of it), dockerd's own work per
-    line competes for the same two cores (docs/performance.md): getting back under 100 ms is open.
+    Their output goes through Docker's json-file log (so that a restarted agent loses none
+    of it), read from the file itself: dockerd's work per line stays one encode.
     """
     noisy = "i=0; while [ $i -lt 400000 ]; do echo line $i of noisy output; i=$((i+1)); done"
     ids = [agent.submit(build_request(f"noisy{i}", command=noisy, timeout_s=120))["id"] for i in range(4)]
@@ -347,11 +347,11 @@ def test_api_stays_responsive_while_four_builds_stream(agent: AgentProcess) -> N
             time.sleep(0.02)
     streaming = [agent.get(i)["status"] for i in ids]
     assert streaming.count("building") >= 3, f"builds ended before the measurement was over: {streaming}"
-    assert len(latencies) > 50
+    assert len(latencies) > 100
     latencies.sort()
     slowest = f"slowest requests: {[round(x * 1000) for x in latencies[-5:]]} ms of {len(latencies)}"
-    assert latencies[len(latencies) * 99 // 100] < 0.5, slowest
-    assert latencies[-1] < 1.0, slowest
+    assert latencies[len(latencies) * 99 // 100] < 0.1, slowest
+    assert latencies[-1] < 0.25, slowest
     for deployment_id in ids:
         agent.request("POST", f"/v1/deployments/{deployment_id}/kill")
     for deployment_id in ids:

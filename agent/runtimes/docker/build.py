@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Awaitable, Callable, Mapping
 
@@ -43,6 +44,7 @@ from agent.runtimes.docker.gateway import (
     retrieve,
 )
 from agent.runtimes.docker.build_output import (
+    BuildCursor,
     BuildOutputCopier,
     count_output_lines,
     cursor_path,
@@ -53,6 +55,7 @@ from agent.runtimes.docker.build_output import (
 )
 from agent.runtimes.docker.hardening import create_running_host_config
 from agent.runtimes.docker.images import WORKSPACE, Images, archive_workspace
+from agent.runtimes.docker.json_log import JsonLogReader, readable_log_path
 from agent.runtimes.docker.output import OUTPUT_DRAIN_S
 
 STAGE = "build"
@@ -105,6 +108,10 @@ class _BuildSession:
     container_id: str
     stream: CancellableStream | None = None
     pump: asyncio.Future[None] | None = None
+    copier: BuildOutputCopier | None = None
+    # For a copy from the log file: the container stopped (read to the end), or the copy is let go.
+    exited: threading.Event = field(default_factory=threading.Event)
+    closing: threading.Event = field(default_factory=threading.Event)
     waiting: asyncio.Future[dict[str, Any]] | None = None
     # Set by stop_deployment: a failure from here on is the stop's doing, not the build's.
     stopped: bool = False
@@ -113,8 +120,10 @@ class _BuildSession:
 class Builds:
     """Runs build containers on one engine and keeps their results as images."""
 
-    def __init__(self, gateway: DockerGateway, images: Images, *, kill_grace_s: float) -> None:
+    def __init__(self, gateway: DockerGateway, images: Images, *, kill_grace_s: float, engine_here: bool = True) -> None:
         self._gateway = gateway
+        # Whether the engine runs on this host: its containers' log files can then be read directly.
+        self._engine_here = engine_here
         self._images = images
         self._kill_grace_s = kill_grace_s
         # The builds running now, by deployment id.
@@ -257,12 +266,21 @@ class Builds:
     ) -> BuildResult:
         """Copies the container's output into the log (from the cursor when `resuming`), waits for its end, commits."""
         container_id = session.container_id
-        copier, since = await self._gateway.in_thread(functools.partial(_prepare_copier, log, resuming))
+        log_file = readable_log_path(details) if self._engine_here else None
+        copier, cursor = await self._gateway.in_thread(functools.partial(_prepare_copier, log, resuming))
+        session.copier = copier
         # Docker's log holds everything from the start: opened after the start, nothing is missed.
-        session.stream = await self._gateway.call(
-            "reading the build output", lambda client: open_build_logs(client, container_id, since)
-        )
-        session.pump = self._gateway.start_background(functools.partial(copier.copy, session.stream))
+        if log_file is not None and (cursor is None or cursor.file_position is not None):
+            reader = JsonLogReader(log_file, cursor.file_position if cursor else None)
+            session.pump = self._gateway.start_background(
+                functools.partial(copier.copy_file, reader, session.exited, session.closing)
+            )
+        else:
+            since = cursor.since if cursor else None
+            session.stream = await self._gateway.call(
+                "reading the build output", lambda client: open_build_logs(client, container_id, since)
+            )
+            session.pump = self._gateway.start_background(functools.partial(copier.copy, session.stream))
         state = details.get("State") or {}
         if resuming and not is_running(state):
             exit_code, timed_out = _ended_while_away(state, job, log)
@@ -333,13 +351,23 @@ class Builds:
         return int(status.get("StatusCode", UNKNOWN_EXIT_CODE)), timed_out
 
     async def _drain_output(self, session: _BuildSession, log: DeploymentLog) -> None:
-        """Lets the output stream finish after the exit; closes it if it lingers."""
-        assert session.pump is not None
-        done, _ = await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
-        if not done:
-            log.agent(STAGE, "the output stream did not end with the container; closing it")
-            await self._gateway.close_stream(session.stream)
-            await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
+        """Lets the copy finish after the exit, however far behind it is; closes a stream that no longer brings anything.
+
+        A copy from the log file ends at the file's end (complete once the container stopped). A
+        followed logs request should end by itself; while output still comes in it is only behind
+        (a busy host), and it is let go only once OUTPUT_DRAIN_S pass with nothing.
+        """
+        assert session.pump is not None and session.copier is not None
+        session.exited.set()
+        while True:
+            done, _ = await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
+            if done:
+                return
+            if session.stream is not None and time.monotonic() - session.copier.last_data_at >= OUTPUT_DRAIN_S:
+                break
+        log.agent(STAGE, "the output stream did not end with the container; closing it")
+        await self._gateway.close_stream(session.stream)
+        await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
 
     async def _commit(self, container_id: str, job: BuildJob, log: DeploymentLog) -> str:
         """Commits the build image plus the built /workspace, and nothing of the build's environment.
@@ -389,6 +417,7 @@ class Builds:
 
     async def _discard_session(self, session: _BuildSession, cursor_file: Path) -> None:
         """Removes the container, closes its stream, lets the build's threads finish, and removes the cursor."""
+        session.closing.set()
         with contextlib.suppress(RuntimeFailure):
             await self._gateway.remove_container(session.container_id)
         await self._gateway.close_stream(session.stream)
@@ -398,8 +427,8 @@ class Builds:
         await self._gateway.in_thread(functools.partial(remove_cursor, cursor_file))
 
 
-def _prepare_copier(log: DeploymentLog, resuming: bool) -> tuple[BuildOutputCopier, int | None]:
-    """The copier of the build's output and where to read Docker's log from; file work, run in a thread.
+def _prepare_copier(log: DeploymentLog, resuming: bool) -> tuple[BuildOutputCopier, BuildCursor | None]:
+    """The copier of the build's output and the cursor to resume from; file work, run in a thread.
 
     Resuming, it passes over what the log already holds: the frames up to the saved cursor, then
     the output lines the log got after the cursor was saved (counted in the log itself).
@@ -411,7 +440,7 @@ def _prepare_copier(log: DeploymentLog, resuming: bool) -> tuple[BuildOutputCopi
     cursor = load_cursor(cursor_file)
     written_after = count_output_lines(log.path, cursor.log_bytes if cursor else 0, STAGE)
     copier = BuildOutputCopier(log, STAGE, cursor_file, cursor, skip_lines=written_after)
-    return copier, cursor.since if cursor else None
+    return copier, cursor
 
 
 def _ended_while_away(state: dict[str, Any], job: BuildJob, log: DeploymentLog) -> tuple[int, bool]:

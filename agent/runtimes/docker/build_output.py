@@ -1,9 +1,10 @@
 """A build's output, read back from its container's Docker log into the deployment log.
 
 Docker keeps what a build writes while the agent is away (its json-file log); the copier
-reads that log, and a cursor file next to the deployment log (`logs/<id>.build-cursor`)
-says how far the copy got, so that a restarted agent continues exactly there: no line
-lost, none repeated.
+reads that log (from the file itself when the engine runs on this host, see json_log, else
+through the engine's logs endpoint), and a cursor file next to the deployment log
+(`logs/<id>.build-cursor`) says how far the copy got, so that a restarted agent continues
+exactly there: no line lost, none repeated.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from docker.types.daemon import CancellableStream
 
 from agent.logs import LOG_FILE_MODE, MAX_LINE_BYTES, READ_CHUNK_BYTES, DeploymentLog, LineSplitter
 from agent.runtimes.docker.gateway import explain
+from agent.runtimes.docker.json_log import Entry, FilePosition, JsonLogReader
 
 BUILD_CURSOR_SUFFIX = ".build-cursor"
 # How often, at most, the copy's cursor is written: per line would cost the API its speed.
@@ -31,6 +33,9 @@ CURSOR_SAVE_S = 0.25
 _FRAME_HEADER = 8
 _STREAM_NAMES = {1: "stdout", 2: "stderr"}
 _READ_BYTES = 256 * 1024
+# A text of this many characters is at most MAX_LINE_BYTES long in UTF-8.
+_MAX_CHARS = MAX_LINE_BYTES // 4
+ROTATED_AWAY = "Docker's log no longer holds all the output written while the agent was away"
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,22 @@ class BuildCursor:
     `stamp` is the Docker timestamp of the last frame copied and `frames` how many frames carried
     it up to there (the pieces of a long line share one stamp); `log_bytes` is the log's size
     once the lines of those frames were written; `since` is where to read Docker's log from
-    again (Unix seconds, a little before `stamp`). A cursor is only taken where no line is
-    unfinished, so that lines are split the same way when the copy resumes.
+    again (Unix seconds, a little before `stamp`). A copy from the log file also keeps the
+    file's inode and the byte after the last entry copied (both 0 otherwise). A cursor is only
+    taken where no line is unfinished, so that lines are split the same way when the copy resumes.
     """
 
     stamp: str
     frames: int
     log_bytes: int
     since: int
+    inode: int = 0
+    offset: int = 0
+
+    @property
+    def file_position(self) -> FilePosition | None:
+        """Where a copy from the log file stopped; None for a copy through the logs endpoint."""
+        return FilePosition(self.inode, self.offset) if self.inode else None
 
 
 def cursor_path(log_path: Path) -> Path:
@@ -59,7 +72,10 @@ def load_cursor(path: Path) -> BuildCursor | None:
     """The saved cursor, or None when there is none (or it is unreadable: the copy starts over)."""
     try:
         fields = json.loads(path.read_text())
-        return BuildCursor(str(fields["stamp"]), int(fields["frames"]), int(fields["log_bytes"]), int(fields["since"]))
+        return BuildCursor(
+            str(fields["stamp"]), int(fields["frames"]), int(fields["log_bytes"]), int(fields["since"]),
+            int(fields.get("inode", 0)), int(fields.get("offset", 0)),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -241,12 +257,16 @@ class BuildOutputCopier:
         self._batch: list[tuple[str, list[str]]] = []
         self._saved_at = time.monotonic()
         self._unsaved = False
+        # When output last came in (monotonic): a drain waits while it still does.
+        self.last_data_at = self._saved_at
+        self._file: FilePosition | None = None
 
     def copy(self, stream: CancellableStream, closing: threading.Event | None = None) -> None:
         """Copies until the stream ends (the container stopped) or is closed (`closing`: on purpose)."""
         buffer = bytearray()
         try:
             for chunk in stream:
+                self.last_data_at = time.monotonic()
                 buffer += chunk
                 del buffer[: self._take_frames(buffer)]
                 self._write_batch()
@@ -255,11 +275,38 @@ class BuildOutputCopier:
             if closing is None or not closing.is_set():
                 self._log.agent(self._stage, f"the output stream broke: {explain(exc)}")
         finally:
-            if closing is None or not closing.is_set():
-                # The container's last line may lack its newline; let go on purpose, it is read again later.
-                for name, splitter in self._splitters.items():
-                    self._emit(name, splitter.flush())
-            self._write_batch()
+            self._finish(closing)
+
+    def copy_file(self, reader: JsonLogReader, ended: threading.Event, closing: threading.Event) -> None:
+        """Copies from the log file until it is read to its end after `ended`, or `closing` is set.
+
+        Resumed, the reader starts at the cursor's file position, so no frame needs passing
+        over: only the lines the log got after the cursor was saved.
+        """
+        self._resume_at = None
+        try:
+            batches = reader.batches(ended.is_set, closing)
+            for batch in batches:
+                if reader.lost_entries:
+                    self._log.agent(self._stage, ROTATED_AWAY)
+                    reader.lost_entries, self._skip_lines = False, 0
+                self.last_data_at = time.monotonic()
+                self._take_entries(batch)
+                self._write_batch()
+                self._file = reader.position
+                self._save_cursor_now_and_then()
+        except Exception as exc:  # noqa: BLE001 - an unreadable log loses output, not the build
+            if not closing.is_set():
+                self._log.agent(self._stage, f"reading the build's log file failed: {explain(exc)}")
+        finally:
+            self._finish(closing)
+
+    def _finish(self, closing: threading.Event | None) -> None:
+        if closing is None or not closing.is_set():
+            # The container's last line may lack its newline; let go on purpose, it is read again later.
+            for name, splitter in self._splitters.items():
+                self._emit(name, splitter.flush())
+        self._write_batch()
 
     def _take_frames(self, buffer: bytearray) -> int:
         """Handles every whole frame in `buffer`; returns how many bytes they took."""
@@ -273,6 +320,45 @@ class BuildOutputCopier:
             position = start + length
         return position
 
+    def _take_entries(self, entries: list[Entry]) -> None:
+        """Entries of the log file, a run of one stream's at a time, with whole-string operations where they can be."""
+        streams = [entry.get("stream") or "stdout" for entry in entries]
+        texts = [entry["log"] for entry in entries]
+        if not entries:
+            return
+        if streams.count(streams[0]) == len(streams):
+            self._take_run(streams[0], texts, str(entries[-1].get("time") or ""))
+            return
+        start = 0
+        while start < len(entries):
+            stop = _run_end(streams, start)
+            self._take_run(streams[start], texts[start:stop], str(entries[stop - 1].get("time") or ""))
+            start = stop
+
+    def _take_run(self, stream: str, texts: list[str], last_stamp: str) -> None:
+        block = "".join(texts)
+        # Whole lines only (one newline per entry), after no unfinished one: split in one call.
+        if stream in self._position.unfinished or block.count("\n") != len(texts) or max(map(len, texts)) > _MAX_CHARS:
+            for text in texts:
+                self._take_text(stream, last_stamp, text)
+            return
+        lines = block[:-1].split("\n")
+        self._emit(stream, [line.rstrip("\r") for line in lines] if "\r" in block else lines)
+        # For the cursor's stamp; a copy from the file resumes at its file position, never by frames.
+        self._position.see(stream, last_stamp, True)
+        self._unsaved = True
+
+    def _take_text(self, stream: str, stamp: str, text: str) -> None:
+        """One entry of the log file: a line, or a piece of one (Docker splits lines at 16 KiB)."""
+        whole = stream not in self._position.unfinished and text.find("\n") == len(text) - 1 and len(text) <= _MAX_CHARS
+        # Counted for the cursor only: a resumed copy from the file seeks, it never passes frames over.
+        self._position.see(stream, stamp, text.endswith("\n"))
+        if whole:
+            self._emit(stream, [text[:-1].rstrip("\r")])
+        else:
+            self._emit(stream, self._splitters[stream].feed(text.encode("utf-8")))
+        self._unsaved = True
+
     def _take_frame(self, stream: str, payload: bytes) -> None:
         stamp, _, text = payload.partition(b" ")
         stamp_text = stamp.decode("ascii", "replace")
@@ -284,7 +370,7 @@ class BuildOutputCopier:
         count = self._position.see(stream, stamp_text, text.endswith(b"\n"))
         if self._resume_at is not None:
             if self._first_frame and _rotated_past(stamp_text, self._resume_at):
-                self._log.agent(self._stage, "Docker's log no longer holds all the output written while the agent was away")
+                self._log.agent(self._stage, ROTATED_AWAY)
                 self._resume_at, self._skip_lines = None, 0
             else:
                 self._first_frame = False
@@ -327,8 +413,10 @@ class BuildOutputCopier:
         seconds = docker_time(stamp)
         if seconds is None:
             return
+        at = self._file or FilePosition(0, 0)
         cursor = BuildCursor(
-            stamp=stamp, frames=self._position.count_of(stamp), log_bytes=self._log_size(), since=int(seconds) - 1
+            stamp=stamp, frames=self._position.count_of(stamp), log_bytes=self._log_size(), since=int(seconds) - 1,
+            inode=at.inode, offset=at.offset,
         )
         save_cursor(self._cursor_file, cursor)
         self._saved_at, self._unsaved = now, False
@@ -338,6 +426,14 @@ class BuildOutputCopier:
             return os.stat(self._log.path).st_size
         except FileNotFoundError:
             return 0
+
+
+def _run_end(streams: list[str], start: int) -> int:
+    """Where the run of entries of one stream that begins at `start` ends."""
+    stream, index = streams[start], start + 1
+    while index < len(streams) and streams[index] == stream:
+        index += 1
+    return index
 
 
 def _rotated_past(stamp: str, cursor: BuildCursor) -> bool:
