@@ -187,6 +187,7 @@ class Daemon:
             await self._heartbeat.stop()
         if self.engine is not None:
             self.engine.accepting = False  # POST answers 503 with Retry-After from here on
+            self.engine.changes.close()  # long polls answer now rather than hold the exit
         if on_stop == "detach" and self.engine is not None:
             counts = await self.engine.detach()
             await self._close_api()

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from agent.changes import ChangeFeed
 from agent.config import Config
 from agent.disk import free_bytes
 from agent.errors import AgentError, Conflict, DiskFull, NotFound, Unavailable
@@ -242,6 +243,11 @@ class Engine:
             spec=spec,
             **fields,
         )
+
+    @property
+    def changes(self) -> ChangeFeed:
+        """Counts every change of a deployment; long polls wait on it."""
+        return self.store.changes
 
     async def get(self, deployment_id: str) -> Deployment:
         return await self.store.get(deployment_id)

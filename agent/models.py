@@ -143,4 +143,6 @@ class DeploymentFilter:
     updated_since: str | None = None  # normalised with format_time, so it compares as text
     limit: int = 50
     after_seq: int | None = None
+    # (key, value) pairs that the deployment's metadata must all hold, as strings.
+    metadata: tuple[tuple[str, str], ...] = ()
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from agent.changes import ChangeFeed
 from agent.disk import disk_full_of, is_sqlite_disk_full
 from agent.errors import Conflict, DiskFull, NotFound, QueueFull
 from agent.models import (
@@ -105,6 +106,8 @@ class Store:
         self._connection: sqlite3.Connection | None = None
         # Final statuses a full disk kept from the file; only the store thread changes them.
         self._pending = PendingStatuses(self.path.parent)
+        # Every write of a deployment below is counted there (ETags, long polls).
+        self.changes = ChangeFeed()
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -135,7 +138,10 @@ class Store:
         With an idempotency key already used for the same request hash, the earlier
         deployment comes back with created=False.
         """
-        return await self._call(self._insert, deployment, idempotency_key, request_hash, max_queued)
+        stored, created = await self._call(self._insert, deployment, idempotency_key, request_hash, max_queued)
+        if created:
+            self.changes.changed(stored.id)
+        return stored, created
 
     async def get(self, deployment_id: str) -> Deployment:
         return await self._call(self._get, deployment_id)
@@ -150,15 +156,21 @@ class Store:
         On a full disk a move to a final status is kept and written once there is room (reads
         show it meanwhile); any other move raises DiskFull.
         """
-        return await self._call(self._transition, deployment_id, status, fields)
+        deployment = await self._call(self._transition, deployment_id, status, fields)
+        self.changes.changed(deployment_id)
+        return deployment
 
     async def update(self, deployment_id: str, **fields: Any) -> Deployment:
         """Sets fields other than status (pid, container_id, ...) and stamps updated_at."""
-        return await self._call(self._update, deployment_id, fields)
+        deployment = await self._call(self._update, deployment_id, fields)
+        self.changes.changed(deployment_id)
+        return deployment
 
     async def delete(self, deployment_id: str) -> Deployment:
         """Removes a record that is not in progress; returns what was removed."""
-        return await self._call(self._delete, deployment_id)
+        removed = await self._call(self._delete, deployment_id)
+        self.changes.changed(deployment_id)
+        return removed
 
     async def with_status(self, *statuses: str) -> list[Deployment]:
         """Deployments in any of these statuses, oldest first."""
@@ -293,6 +305,12 @@ class Store:
         if query.after_seq is not None:
             clauses.append("seq < ?")
             params.append(query.after_seq)
+        for key, value in query.metadata:
+            # json_each rather than a JSON path: a key may hold any character a path would have to escape.
+            clauses.append(
+                "EXISTS (SELECT 1 FROM json_each(spec, '$.metadata') WHERE key = ? AND type = 'text' AND value = ?)"
+            )
+            params += [key, value]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(
             f"SELECT * FROM deployments {where} ORDER BY seq DESC LIMIT ?", (*params, query.limit + 1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from aiohttp import web
-from multidict import MultiMapping
+from multidict import MultiDict, MultiMapping
 
 from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from agent.api.cursor import decode_cursor
@@ -199,9 +199,20 @@ def parse_boolean(name: str, text: str) -> bool:
     raise BadRequest(f"query parameter {name} must be true, false, 1 or 0, got {text[:40]!r}", code="bad_query")
 
 
+LIST_PARAMETERS = ("application", "server", "status", "updated_since", "limit", "cursor", "wait")
+METADATA_PREFIX = "metadata."
+# `?wait=S`: how long a long poll may be held, in seconds.
+MAX_WAIT_S = 60.0
+
+
 def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
-    """The filters of `GET /v1/deployments`."""
-    values = single_values(query, ("application", "server", "status", "updated_since", "limit", "cursor"))
+    """The filters of `GET /v1/deployments` (`wait` is read by parse_wait)."""
+    metadata = tuple((name[len(METADATA_PREFIX) :], value) for name, value in query.items() if name.startswith(METADATA_PREFIX))
+    for key, _ in metadata:
+        if not key:
+            raise BadRequest("query parameter metadata.KEY needs a key after 'metadata.'", code="bad_query")
+    plain = MultiDict((name, value) for name, value in query.items() if not name.startswith(METADATA_PREFIX))
+    values = single_values(plain, LIST_PARAMETERS)
     status = values.get("status")
     if status is not None and status not in STATUSES:
         raise BadRequest(
@@ -234,7 +245,27 @@ def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
         updated_since=updated_since,
         limit=limit,
         after_seq=after_seq,
+        metadata=metadata,
     )
+
+
+def parse_wait(query: MultiMapping[str]) -> float | None:
+    """`?wait=S`, a number of seconds, 0 < S <= 60; None when not given."""
+    given = query.getall("wait", [])
+    if not given:
+        return None
+    if len(given) > 1:
+        raise BadRequest("query parameter wait is given more than once", code="bad_query")
+    try:
+        seconds = float(given[0])
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds <= MAX_WAIT_S):
+        raise BadRequest(
+            f"query parameter wait must be a number of seconds above 0 and at most {MAX_WAIT_S:g}, got {given[0][:40]!r}",
+            code="bad_query",
+        )
+    return seconds
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
 from agent.api.context import TOKEN_SCOPES, engine_of
-from agent.api.cursor import encode_cursor
 from agent.api.log_stream import get_logs
-from agent.api.params import idempotency_key, parse_list_query, read_json, refuse_body, request_hash
+from agent.api.params import idempotency_key, read_json, refuse_body, request_hash
+from agent.api.polling import answer_deployment, answer_list
 from agent.config import Config
 from agent.errors import Unavailable
 from agent.metrics import CONTENT_TYPE_LATEST
@@ -84,15 +84,14 @@ def accept_request(body: object, config: Config, servers: frozenset[str], scopes
 @requires(READ_SCOPE)
 async def list_deployments(request: web.Request) -> web.Response:
     """A page of deployments, newest first, with the cursor of the next page."""
-    page, next_seq = await engine_of(request).list(parse_list_query(request.query))
-    data = [deployment.to_json() for deployment in page]
-    return web.json_response({"data": data, "next_cursor": encode_cursor(next_seq)})
+    engine = engine_of(request)
+    return await answer_list(request, engine.changes, engine.list)
 
 
 @requires(READ_SCOPE)
 async def get_deployment(request: web.Request) -> web.Response:
-    deployment = await engine_of(request).get(request.match_info["id"])
-    return web.json_response(deployment.to_json())
+    engine = engine_of(request)
+    return await answer_deployment(request, engine.changes, engine.get)
 
 
 @requires(WRITE_SCOPE)

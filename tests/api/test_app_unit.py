@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from agent.changes import ChangeFeed
 from agent.api import create_app
 from agent.api.context import CLOSING
 from agent.api.log_stream import tail_bounds
@@ -60,6 +61,7 @@ class FakeEngine:
         self.queries: list[DeploymentFilter] = []
         self.submissions: list[tuple[DeploymentSpec, str | None, str]] = []
         self.get_error: BaseException | None = None
+        self.changes = ChangeFeed()
         self._seq = 0
 
     def add(self, application: str = "web", status: str = "queued", **fields: Any) -> Deployment:
@@ -79,10 +81,12 @@ class FakeEngine:
             **fields,
         )
         self.deployments[deployment_id] = deployment
+        self.changes.changed(deployment_id)
         return deployment
 
     def set_status(self, deployment_id: str, status: str) -> None:
         self.deployments[deployment_id] = dataclasses.replace(self.deployments[deployment_id], status=status)
+        self.changes.changed(deployment_id)
 
     async def submit(
         self, spec: DeploymentSpec, *, idempotency_key: str | None, request_hash: str
