@@ -293,12 +293,26 @@ class Engine:
         await remove_workspace(workspace_of(self.config, deployment_id))
         logger.info("deployment deleted", deployment_id=deployment_id)
 
-    async def rollback(self, deployment_id: str) -> Deployment:
-        """Queues a new deployment that brings back the release of `deployment_id` (no build)."""
+    async def set_metadata(self, deployment_id: str, metadata: dict[str, Any]) -> Deployment:
+        """Replaces a deployment's metadata, whatever its status (a control plane's own ids)."""
+        return await self.store.set_metadata(deployment_id, metadata)
+
+    async def rollback(
+        self, deployment_id: str, *, idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> tuple[Deployment, bool]:
+        """Queues a new deployment that brings back the release of `deployment_id` (no build); (it, created).
+
+        With an Idempotency-Key already used for the same rollback, the earlier deployment comes
+        back (created False), whatever became of the release meanwhile.
+        """
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new deployments")
         await self._raise_if_disk_low()
         target = await self.store.get(deployment_id)
+        if idempotency_key is not None:
+            earlier = await self.store.by_idempotency_key(idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier, False
         await self.releases.check_rollback_target(target)
         record = self._new_record(
             dataclasses.replace(target.spec, source=None, build=None),
@@ -306,10 +320,13 @@ class Engine:
             release_image=target.release_image,
             release_from=target.release_from or target.id,
         )
-        deployment, _ = await self.store.insert(record, max_queued=self.config.agent.max_queued)
-        logger.info("rollback queued", deployment_id=deployment.id, rollback_of=target.id)
-        self._wakeup.set()
-        return deployment
+        deployment, created = await self.store.insert(
+            record, idempotency_key=idempotency_key, request_hash=request_hash, max_queued=self.config.agent.max_queued
+        )
+        if created:
+            logger.info("rollback queued", deployment_id=deployment.id, rollback_of=target.id)
+            self._wakeup.set()
+        return deployment, created
 
     async def list_applications(self) -> list[ApplicationView]:
         return [await self._view(app) for app in await self.store.list_applications()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Mapping as MappingABC
@@ -146,6 +147,10 @@ class Store:
     async def get(self, deployment_id: str) -> Deployment:
         return await self._call(self._get, deployment_id)
 
+    async def by_idempotency_key(self, key: str, request_hash: str | None) -> Deployment | None:
+        """The deployment an Idempotency-Key created, None if none; 409 when it came with another request."""
+        return await self._call(self._by_idempotency_key, key, request_hash)
+
     async def list(self, query: DeploymentFilter) -> tuple[list[Deployment], int | None]:
         """A page of deployments, newest first, and the seq to continue after (None at the end)."""
         return await self._call(self._list, query)
@@ -163,6 +168,12 @@ class Store:
     async def update(self, deployment_id: str, **fields: Any) -> Deployment:
         """Sets fields other than status (pid, container_id, ...) and stamps updated_at."""
         deployment = await self._call(self._update, deployment_id, fields)
+        self.changes.changed(deployment_id)
+        return deployment
+
+    async def set_metadata(self, deployment_id: str, metadata: dict[str, Any]) -> Deployment:
+        """Replaces the deployment's metadata (kept in its spec) and stamps updated_at."""
+        deployment = await self._call(self._set_metadata, deployment_id, metadata)
         self.changes.changed(deployment_id)
         return deployment
 
@@ -254,18 +265,10 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             if idempotency_key is not None:
-                row = db.execute(
-                    "SELECT * FROM deployments WHERE idempotency_key = ?", (idempotency_key,)
-                ).fetchone()
-                if row is not None:
+                earlier = self._by_idempotency_key(idempotency_key, request_hash)
+                if earlier is not None:
                     _rollback(db)
-                    if row["request_hash"] != request_hash:
-                        raise Conflict(
-                            "Idempotency-Key was already used with a different request body",
-                            code="idempotency_key_reused",
-                            details={"deployment_id": row["id"]},
-                        )
-                    return self._deployment(row), False
+                    return earlier, False
             if max_queued is not None:
                 (queued,) = db.execute("SELECT COUNT(*) FROM deployments WHERE status = 'queued'").fetchone()
                 if queued >= max_queued:
@@ -274,11 +277,23 @@ class Store:
             values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
             cursor = db.execute(_INSERT, (*values, idempotency_key, request_hash))
             db.execute("COMMIT")
-        except sqlite3.Error:
+        except BaseException:
             _rollback(db)
             raise
         row = db.execute("SELECT * FROM deployments WHERE seq = ?", (cursor.lastrowid,)).fetchone()
         return self._deployment(row), True
+
+    def _by_idempotency_key(self, key: str, request_hash: str | None) -> Deployment | None:
+        row = self._db.execute("SELECT * FROM deployments WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        if row["request_hash"] != request_hash:
+            raise Conflict(
+                "Idempotency-Key was already used with a different request",
+                code="idempotency_key_reused",
+                details={"deployment_id": row["id"]},
+            )
+        return self._deployment(row)
 
     def _get(self, deployment_id: str) -> Deployment:
         row = self._db.execute("SELECT * FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
@@ -352,6 +367,12 @@ class Store:
             raise ValueError(f"cannot update {sorted(unknown)} with update(); status goes through transition()")
         self._get(deployment_id)
         self._write(deployment_id, {**fields, "updated_at": utc_now()})
+        return self._get(deployment_id)
+
+    def _set_metadata(self, deployment_id: str, metadata: dict[str, Any]) -> Deployment:
+        current = self._get(deployment_id)
+        spec = dataclasses.replace(current.spec, metadata=metadata)
+        self._write(deployment_id, {"spec": spec, "updated_at": utc_now()})
         return self._get(deployment_id)
 
     def _write(self, deployment_id: str, values: dict[str, Any]) -> None:

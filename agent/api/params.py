@@ -14,7 +14,7 @@ from multidict import MultiDict, MultiMapping
 
 from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from agent.api.cursor import decode_cursor
-from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, format_time, parse_time
+from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, format_time, parse_metadata, parse_time
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_LIST_LIMIT = 500
@@ -247,6 +247,20 @@ def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
         after_seq=after_seq,
         metadata=metadata,
     )
+
+
+def parse_metadata_patch(body: Any) -> dict[str, Any]:
+    """The metadata of `PATCH /v1/deployments/{id}`: `{"metadata": {...}}` and nothing else; 422 otherwise."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"field": "", "message": "the body must be a JSON object: {\"metadata\": {...}}"}])
+    problems = [
+        {"field": name, "message": "only metadata can be changed on a deployment"} for name in sorted(body) if name != "metadata"
+    ]
+    if "metadata" not in body:
+        problems.append({"field": "metadata", "message": "required: the metadata that replaces the deployment's"})
+    if problems:
+        raise ValidationFailed(problems)
+    return parse_metadata(body["metadata"])
 
 
 def parse_wait(query: MultiMapping[str]) -> float | None:

@@ -12,7 +12,7 @@ from aiohttp import web
 from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
 from agent.api.context import TOKEN_SCOPES, engine_of
 from agent.api.log_stream import get_logs
-from agent.api.params import idempotency_key, read_json, refuse_body, request_hash
+from agent.api.params import idempotency_key, parse_metadata_patch, read_json, refuse_body, request_hash
 from agent.api.polling import answer_deployment, answer_list
 from agent.config import Config
 from agent.errors import Unavailable
@@ -33,6 +33,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/deployments", list_deployments, allow_head=False)
     router.add_get("/v1/deployments/{id}", get_deployment, allow_head=False)
     router.add_delete("/v1/deployments/{id}", delete_deployment)
+    router.add_patch("/v1/deployments/{id}", patch_deployment)
     router.add_get("/v1/deployments/{id}/logs", get_logs, allow_head=False)
     router.add_post("/v1/deployments/{id}/kill", kill_deployment)
     router.add_post("/v1/deployments/{id}/rollback", rollback_deployment)
@@ -104,16 +105,29 @@ async def kill_deployment(request: web.Request) -> web.Response:
 
 @requires(WRITE_SCOPE)
 async def rollback_deployment(request: web.Request) -> web.Response:
-    """201 + a new deployment that brings back the release of {id}."""
+    """201 + a new deployment that brings back the release of {id}; 200 + the same when an Idempotency-Key repeats."""
     engine = engine_of(request)
     await refuse_body(request, engine.config.agent.max_body_bytes)
+    key = idempotency_key(request)
     target = await engine.get(request.match_info["id"])
     # A rollback starts the target's release again: a host process needs the scope it needed at submit.
     authorize_spec(dataclasses.replace(target.spec, source=None, build=None), engine.config, request[TOKEN_SCOPES])
-    deployment = await engine.rollback(target.id)
-    return web.json_response(
-        deployment.to_json(), status=201, headers={"Location": f"/v1/deployments/{deployment.id}"}
+    # The key names this request: a rollback of this target (a submit's hash is of its body).
+    deployment, created = await engine.rollback(
+        target.id, idempotency_key=key, request_hash=request_hash({"rollback_of": target.id})
     )
+    return web.json_response(
+        deployment.to_json(), status=201 if created else 200, headers={"Location": f"/v1/deployments/{deployment.id}"}
+    )
+
+
+@requires(WRITE_SCOPE)
+async def patch_deployment(request: web.Request) -> web.Response:
+    """200 + the deployment with its metadata replaced; any other field is 422."""
+    engine = engine_of(request)
+    body = await read_json(request, engine.config.agent.max_body_bytes)
+    metadata = parse_metadata_patch(body)
+    return web.json_response((await engine.set_metadata(request.match_info["id"], metadata)).to_json())
 
 
 @requires(READ_SCOPE)

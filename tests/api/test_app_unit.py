@@ -135,11 +135,13 @@ class FakeEngine:
         self.set_status(deployment_id, "cancelled")
         return self.deployments[deployment_id]
 
-    async def rollback(self, deployment_id: str) -> Deployment:
+    async def rollback(
+        self, deployment_id: str, *, idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> tuple[Deployment, bool]:
         target = await self.get(deployment_id)
         if target.status != "succeeded":
             raise Conflict(f"deployment {deployment_id} never put a release into service", code="no_release")
-        return self.add(application=target.application, rollback_of=target.id)
+        return self.add(application=target.application, rollback_of=target.id), True
 
     async def list_applications(self) -> list[ApplicationView]:
         return [await self.get_application("web")]
