@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, PlainVa
 from pydantic import ValidationError, ValidationInfo, model_validator
 
 from agent.errors import ConfigError
+from agent.specs import is_callback_url
 from agent.validation import UNKNOWN, Between, Location, dotted, invalid, kind_of, parse_size, problems_of, refuse
 
 SCOPES: frozenset[str] = frozenset({"deployments:read", "deployments:write", "processes:write", "admin"})
@@ -183,6 +184,12 @@ def _check_server_name(name: str) -> str:
     return name
 
 
+def _check_callback_url(url: str) -> str:
+    if not is_callback_url(url):
+        invalid("must be an http:// or https:// URL with a host")
+    return url
+
+
 def _require(text: str) -> str:
     if not text:
         invalid("is required")
@@ -286,6 +293,46 @@ class ReleaseSettings(Table):
     drain_s: Annotated[float, Strict(), Field(ge=0)] = 2.0  # how long a replaced release keeps serving after the switch
 
 
+MIN_CALLBACK_SECRET_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class CallbackSettings(Table):
+    """Signed status callbacks: the secret they are signed with, a default URL, and the retry policy."""
+
+    secret: Annotated[str, Strict()] = field(repr=False)
+    url: Annotated[str, Strict(), AfterValidator(_check_callback_url)] | None = None
+    max_attempts: Count = 10
+    timeout_s: Seconds = 10.0
+    # The first retry waits this long, each next one twice as long, up to max_backoff_s.
+    backoff_s: Seconds = 1.0
+    max_backoff_s: Seconds = 300.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_of_file(cls, entry: Any, info: ValidationInfo) -> Any:
+        """`secret_file` is read at load: the secret itself is what signs, and only memory keeps it."""
+        if not isinstance(entry, dict):
+            return entry
+        if "secret" in entry and "secret_file" in entry:
+            invalid("give secret or secret_file, not both")
+        if "secret_file" in entry:
+            entry = dict(entry)
+            path = Path(_string(entry.pop("secret_file"), "secret_file"))
+            base_dir = (info.context or {}).get("base_dir")
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            try:
+                entry["secret"] = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                refuse(("secret_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"))
+        if "secret" not in entry:
+            invalid("needs secret or secret_file: callbacks are always signed")
+        if len(_string(entry["secret"], "secret")) < MIN_CALLBACK_SECRET_LENGTH:
+            refuse(("secret", f"must be at least {MIN_CALLBACK_SECRET_LENGTH} characters"))
+        return entry
+
+
 @dataclass(frozen=True)
 class TokenConfig(Table):
     """One API token; only its SHA-256 digest is kept, so it cannot leak through repr or logs."""
@@ -354,6 +401,7 @@ class ConfigFile(Table):
         dict[Annotated[str, AfterValidator(_check_server_name)], ServerConfig], BeforeValidator(_name_servers)
     ] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
+    callbacks: CallbackSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -364,6 +412,7 @@ class Config:
     tokens: tuple[TokenConfig, ...] = ()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
+    callbacks: CallbackSettings | None = None
     # The file this config was read from (None for built-in defaults); its directory is never a source.
     path: Path | None = None
 
@@ -413,7 +462,7 @@ class Config:
             raise ConfigError([f"{dotted(location)}: {message}" for location, message in problems]) from None
         return cls(
             agent=file.agent, docker=file.docker, releases=file.releases, tokens=file.auth.tokens,
-            servers=file.servers, security=file.security,
+            servers=file.servers, security=file.security, callbacks=file.callbacks,
         )
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from agent import __version__, systemd
 from agent.api import create_app
 from agent.api.server import GuardedAppRunner, bound_address
+from agent.callbacks import CallbackSender
 from agent.config import Config
 from agent.engine import Engine
 from agent.metrics import Metrics
@@ -69,6 +70,7 @@ class Daemon:
         self._forced = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._store: Store | None = None
+        self._callbacks: CallbackSender | None = None
         self._ssh: SshConnections | None = None
         self._containers: ContainerRuntime | None = None
         self._targets: Targets | None = None
@@ -105,6 +107,11 @@ class Daemon:
         self._store = Store(config.database_path)
         await self._store.open()
         self.engine = self._wire(config, self._store)
+        # Before the engine: what reconciliation changes is reported too. The sender reads the
+        # daemon's config per event, so a reload's secret applies at once.
+        self._callbacks = CallbackSender(self._store, lambda: self.config.callbacks)
+        self._store.on_callback_event = self._callbacks.wake
+        self._callbacks.start()
         await self.engine.start()
 
         app = create_app(self.engine)
@@ -219,6 +226,8 @@ class Daemon:
             await self._ssh.close()
         if self._containers is not None:
             await self._containers.close()
+        if self._callbacks is not None:
+            await self._callbacks.close()
         if self._store is not None:
             await self._store.close()
         if self._previous_umask is not None:

@@ -45,13 +45,17 @@ def parse_deployment_request(
     default_build_timeout_s: float = 600.0,
     bind_addresses: tuple[str, ...] = (DEFAULT_BIND,),
     check_source: bool = True,
+    callbacks_enabled: bool = False,
+    default_callback_url: str | None = None,
 ) -> DeploymentSpec:
     """Validates a deployment request body; raises ValidationFailed naming every bad field.
 
     `servers` are the names a request may give as `server` besides "local"; `bind_addresses`
     the host addresses `run.bind` may name (`docker.bind_addresses`). `check_source=False`
     leaves the source directory to `check_source_directory`, for a caller that must first
-    decide whether the path may be looked at at all.
+    decide whether the path may be looked at at all. A `callback` is refused unless
+    `callbacks_enabled` (a secret to sign with is configured); without one the request gets
+    `default_callback_url`.
     """
     if not isinstance(body, dict):
         problem = {"field": "", "message": "must be an object"}
@@ -61,6 +65,8 @@ def parse_deployment_request(
         "default_build_timeout_s": default_build_timeout_s,
         "bind_addresses": bind_addresses,
         "check_source": check_source,
+        "callbacks_enabled": callbacks_enabled,
+        "default_callback_url": default_callback_url if callbacks_enabled else None,
     }
     nul_problems, nul_locations = find_nul(body)
     try:

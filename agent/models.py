@@ -16,12 +16,15 @@ from typing import Any, Literal, Mapping
 from agent.deployment_request import check_source_directory, parse_deployment_request, parse_metadata  # noqa: F401
 from agent.specs import (  # noqa: F401 - re-exported
     BuildSpec,
+    CallbackSpec,
     DeploymentSpec,
     HealthCheckSpec,
     RunSpec,
     SourceSpec,
     is_application_name,
     is_image_reference,
+    redact_url,
+    REDACTED_VALUE,
 )
 
 Status = Literal["queued", "building", "deploying", "succeeded", "failed", "cancelled"]
@@ -40,7 +43,7 @@ TRANSITIONS: Mapping[str, frozenset[str]] = {
 }
 
 # What a response shows in place of each env value: the keys are not secret, the values are.
-REDACTED = "***"
+REDACTED = REDACTED_VALUE
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 MAX_SQLITE_INTEGER = 2**63 - 1
 
@@ -68,9 +71,14 @@ def parse_time(text: str) -> dt.datetime:
 
 def new_deployment_id() -> str:
     """A time-ordered, unguessable id: `dep_` + 10 chars of milliseconds + 16 random chars."""
+    return new_id("dep_")
+
+
+def new_id(prefix: str) -> str:
+    """`prefix` + 10 chars of milliseconds + 16 random chars: time-ordered and unguessable."""
     millis = int(time.time() * 1000)
     stamp = "".join(_CROCKFORD[(millis >> shift) & 31] for shift in range(45, -1, -5))
-    return "dep_" + stamp + "".join(secrets.choice(_CROCKFORD) for _ in range(16))
+    return prefix + stamp + "".join(secrets.choice(_CROCKFORD) for _ in range(16))
 
 
 # --- deployment record ---------------------------------------------------------------------
@@ -104,6 +112,8 @@ class Deployment:
     release: Mapping[str, Any] | None = None
     release_image: str | None = None
     release_from: str | None = None
+    # Delivery of its status callbacks (agent.callback_outbox.summary); None without a callback.
+    callbacks: Mapping[str, Any] | None = None
     seq: int = 0
 
     @property
@@ -127,6 +137,8 @@ def spec_json(spec: DeploymentSpec) -> dict[str, Any]:
         part = data.get(key)
         if part:
             part["env"] = {name: REDACTED for name in part["env"]}
+    if data.get("callback"):
+        data["callback"] = {"url": redact_url(data["callback"]["url"])}
     return data
 
 

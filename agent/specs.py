@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Literal, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, ConfigDict, Field, PlainValidator, Strict, ValidationInfo, model_validator
 
@@ -40,6 +41,7 @@ MAX_RELEASE_MEMORY_BYTES = 1024**4
 MAX_RELEASE_PIDS = 1_000_000
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_BUILD_TIMEOUT_S = 600.0
+REDACTED_VALUE = "***"
 
 
 def is_image_reference(text: str) -> bool:
@@ -95,6 +97,31 @@ def _check_git_ref(ref: str) -> str:
     if ref.startswith("-") or any(c.isspace() for c in ref):
         invalid("must be a branch, tag or commit name")
     return ref
+
+
+def _check_callback_url(url: str, info: ValidationInfo) -> str:
+    if not (info.context or {}).get("callbacks_enabled", True):
+        invalid("callbacks need [callbacks] secret (or secret_file) in the agent's config to be signed with")
+    if not is_callback_url(url):
+        invalid("must be an http:// or https:// URL with a host")
+    return url
+
+
+def is_callback_url(url: str) -> bool:
+    """Whether `url` is one a callback may be POSTed to: http(s), a host, no whitespace or controls."""
+    if any(c <= " " or c == "\x7f" for c in url):
+        return False
+    parsed = urlsplit(url)
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+
+
+def redact_url(url: str) -> str:
+    """The URL as responses show it: a password and the query (where tokens ride) hidden."""
+    parsed = urlsplit(url)
+    netloc = parsed.netloc
+    if parsed.password is not None:
+        netloc = f"{parsed.username}:{REDACTED_VALUE}@" + netloc.rpartition("@")[2]
+    return urlunsplit(parsed._replace(netloc=netloc, query=REDACTED_VALUE if parsed.query else ""))
 
 
 def _check_http_path(path: str) -> str:
@@ -324,6 +351,13 @@ class HealthCheckSpec(RequestObject):
 
 
 @dataclass(frozen=True)
+class CallbackSpec(RequestObject):
+    """Where the agent POSTs the deployment's status changes (signed with `[callbacks] secret`)."""
+
+    url: Annotated[str, Strict(), Field(min_length=1, max_length=2048), AfterValidator(_check_callback_url)]
+
+
+@dataclass(frozen=True)
 class DeploymentSpec(RequestObject):
     """What a client asked for, validated; the rest of the agent trusts it."""
 
@@ -334,6 +368,12 @@ class DeploymentSpec(RequestObject):
     run: RunSpec | None = None
     health_check: HealthCheckSpec | None = None
     metadata: Metadata = field(default_factory=dict)
+    callback: CallbackSpec | None = None
+
+    @classmethod
+    def input_defaults(cls, context: Mapping[str, Any]) -> dict[str, Any]:
+        default = context.get("default_callback_url")
+        return {"callback": {"url": default}} if default else {}
 
     @model_validator(mode="after")
     def _check_parts_fit(self) -> DeploymentSpec:
@@ -383,6 +423,7 @@ class DeploymentSpec(RequestObject):
         build = data.get("build")
         run = data.get("run")
         health = data.get("health_check")
+        callback = data.get("callback")
         return cls(
             application=data["application"],
             server=data.get("server", LOCAL_SERVER),
@@ -391,4 +432,5 @@ class DeploymentSpec(RequestObject):
             run=RunSpec(**{**run, "command": command(run.get("command"))}) if run else None,
             health_check=HealthCheckSpec(**health) if health else None,
             metadata=data.get("metadata") or {},
+            callback=CallbackSpec(**callback) if callback else None,
         )

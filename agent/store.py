@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
+import time
 from collections.abc import Mapping as MappingABC
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, Field, dataclass, fields
@@ -29,6 +30,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from agent import callback_outbox as outbox
+from agent.callback_outbox import CallbackEvent
 from agent.changes import ChangeFeed
 from agent.disk import disk_full_of, is_sqlite_disk_full
 from agent.errors import Conflict, DiskFull, NotFound, QueueFull
@@ -40,6 +43,7 @@ from agent.models import (
     Deployment,
     DeploymentFilter,
     DeploymentSpec,
+    new_id,
     utc_now,
 )
 from agent.store_pending import PendingStatuses
@@ -81,6 +85,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     idempotency_key TEXT UNIQUE,
     request_hash TEXT
 );
+{outbox.SCHEMA}
 CREATE INDEX IF NOT EXISTS deployments_status ON deployments (status, seq);
 CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, seq);
 CREATE INDEX IF NOT EXISTS deployments_updated ON deployments (updated_at);
@@ -109,6 +114,8 @@ class Store:
         self._pending = PendingStatuses(self.path.parent)
         # Every write of a deployment below is counted there (ETags, long polls).
         self.changes = ChangeFeed()
+        # Called after a status change queued a callback event (the sender's wake-up).
+        self.on_callback_event: Callable[[], None] = _no_one
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -141,7 +148,7 @@ class Store:
         """
         stored, created = await self._call(self._insert, deployment, idempotency_key, request_hash, max_queued)
         if created:
-            self.changes.changed(stored.id)
+            self._changed(stored)
         return stored, created
 
     async def get(self, deployment_id: str) -> Deployment:
@@ -162,8 +169,14 @@ class Store:
         show it meanwhile); any other move raises DiskFull.
         """
         deployment = await self._call(self._transition, deployment_id, status, fields)
-        self.changes.changed(deployment_id)
+        self._changed(deployment)
         return deployment
+
+    def _changed(self, deployment: Deployment) -> None:
+        """After a write that may have queued a callback event: wakes the pollers and the sender."""
+        self.changes.changed(deployment.id)
+        if deployment.spec.callback is not None:
+            self.on_callback_event()
 
     async def update(self, deployment_id: str, **fields: Any) -> Deployment:
         """Sets fields other than status (pid, container_id, ...) and stamps updated_at."""
@@ -182,6 +195,24 @@ class Store:
         removed = await self._call(self._delete, deployment_id)
         self.changes.changed(deployment_id)
         return removed
+
+    # --- the callback outbox (agent.callbacks sends) -----------------------------------------
+
+    async def due_callbacks(self, limit: int, skip: Callable[[str], bool]) -> list[CallbackEvent]:
+        """Events to send now: the oldest pending one of each deployment not in `skip`."""
+        return await self._call(lambda: outbox.due(self._db, time.time(), limit, skip))
+
+    async def next_callback_due(self, skip: frozenset[str]) -> float | None:
+        return await self._call(lambda: outbox.next_due(self._db, skip))
+
+    async def record_callback_attempt(self, seq: int, *, state: str, error: str | None, next_attempt_at: float) -> None:
+        """Writes an attempt's outcome and the deployment's delivery summary (which its ETag follows)."""
+        deployment_id = await self._call(self._record_callback_attempt, seq, state, error, next_attempt_at)
+        if deployment_id is not None:
+            self.changes.changed(deployment_id)
+
+    async def pending_callbacks(self) -> int:
+        return await self._call(lambda: outbox.pending_count(self._db))
 
     async def with_status(self, *statuses: str) -> list[Deployment]:
         """Deployments in any of these statuses, oldest first."""
@@ -276,6 +307,7 @@ class Store:
                     raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
             values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
             cursor = db.execute(_INSERT, (*values, idempotency_key, request_hash))
+            self._queue_callback(deployment.id)
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -350,6 +382,7 @@ class Store:
                 )
             values = _transition_values(current, status, fields)
             self._write(deployment_id, values)
+            self._queue_callback(deployment_id)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(db)
@@ -375,6 +408,33 @@ class Store:
         self._write(deployment_id, {"spec": spec, "updated_at": utc_now()})
         return self._get(deployment_id)
 
+    def _queue_callback(self, deployment_id: str) -> None:
+        """In the status change's transaction: the event that reports it, if the deployment has a callback."""
+        deployment = self._get(deployment_id)
+        if deployment.spec.callback is None:
+            return
+        event_id = new_id("evt_")
+        body = {"type": "deployment.status", "id": event_id, "deployment": deployment.to_json()}
+        outbox.enqueue(self._db, event_id, deployment_id, deployment.spec.callback.url, body, utc_now())
+        self._write(deployment_id, {"callbacks": outbox.summary(self._db, deployment_id)})
+
+    def _record_callback_attempt(self, seq: int, state: str, error: str | None, next_attempt_at: float) -> str | None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deployment_id = outbox.record_attempt(db, seq, state=state, error=error, next_attempt_at=next_attempt_at,
+                                                  now=utc_now())
+            exists = deployment_id is not None and db.execute(
+                "SELECT 1 FROM deployments WHERE id = ?", (deployment_id,)
+            ).fetchone() is not None
+            if exists:
+                self._write(deployment_id, {"callbacks": outbox.summary(db, deployment_id), "updated_at": utc_now()})
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return deployment_id if exists else None
+
     def _write(self, deployment_id: str, values: dict[str, Any]) -> None:
         columns = ", ".join(f"{name} = ?" for name in values)
         params = [_encode(name, value) for name, value in values.items()]
@@ -391,6 +451,7 @@ class Store:
                     code="in_progress",
                 )
             db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
+            outbox.forget(db, deployment_id)
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -478,6 +539,10 @@ def _rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
+
+
+def _no_one() -> None:
+    """Nobody to wake: no sender runs (a store used on its own)."""
 
 
 def _nothing() -> None:

@@ -535,3 +535,22 @@ def test_relative_source_roots_need_a_config_file() -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_mapping({"security": {"source_roots": ["src"]}})
     assert caught.value.problems == ["security.source_roots[0]: must be an absolute path"]
+
+
+def test_callbacks_need_a_secret_and_read_it_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("a-callback-secret-of-32-characters\n")
+    config = Config.from_mapping({"callbacks": {"secret_file": "secret", "url": "https://cp/hook"}}, base_dir=tmp_path)
+    assert config.callbacks is not None and config.callbacks.secret == "a-callback-secret-of-32-characters"
+    assert "a-callback-secret" not in repr(config)
+    assert Config.from_mapping({}).callbacks is None
+    for table, problem in (
+        ({}, "callbacks: needs secret or secret_file"),
+        ({"secret": "short"}, "callbacks.secret: must be at least 16 characters"),
+        ({"secret": "s" * 16, "secret_file": "x"}, "callbacks: give secret or secret_file, not both"),
+        ({"secret": "s" * 16, "url": "file:///etc/passwd"}, "callbacks.url: must be an http:// or https:// URL"),
+        ({"secret": "s" * 16, "max_attempts": 0}, "callbacks.max_attempts: must be greater than 0"),
+        ({"secret_file": "missing"}, "callbacks.secret_file: cannot read"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            Config.from_mapping({"callbacks": table}, base_dir=tmp_path)
+        assert problem in str(caught.value), (table, str(caught.value))

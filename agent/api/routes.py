@@ -76,6 +76,8 @@ def accept_request(body: object, config: Config, servers: frozenset[str], scopes
         default_build_timeout_s=config.agent.default_build_timeout_s,
         bind_addresses=config.docker.bind_addresses,
         check_source=False,
+        callbacks_enabled=config.callbacks is not None,
+        default_callback_url=config.callbacks.url if config.callbacks else None,
     )
     authorize_spec(spec, config, scopes)
     check_source_directory(spec)
