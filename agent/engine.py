@@ -328,6 +328,13 @@ class Engine:
             self._wakeup.set()
         return deployment, created
 
+    async def pending_callbacks(self) -> int:
+        """Status callbacks in the outbox that wait to be delivered."""
+        return await self.store.pending_callbacks()
+
+    def servers_connected(self) -> dict[str, bool]:
+        return self.servers.connected()
+
     async def list_applications(self) -> list[ApplicationView]:
         return [await self._view(app) for app in await self.store.list_applications()]
 

@@ -35,3 +35,7 @@ class Servers:
                 "name": name, "host": server.host, "port": server.port, "reachable": False, "latency_ms": None,
                 "docker_version": None, "error": f"no answer within {PROBE_TIMEOUT_S:g}s",
             }
+
+    def connected(self) -> dict[str, bool]:
+        """Whether each configured server has an open SSH connection now (a scrape must not probe)."""
+        return {name: self.ssh.is_connected(name) for name in sorted(self.config.servers)}

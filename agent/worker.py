@@ -250,6 +250,10 @@ class Worker:
             deployment = await self.store.transition(deployment_id, status, **fields)
         if status in FINAL_STATUSES:
             self.metrics.count_finished(status)
+            if deployment.spec.run is not None and (status == "succeeded" or deployment.stage in ("release", "health")):
+                self.metrics.count_release(status)
+            if deployment.smoke_test is not None:  # set once its release's health check ran
+                self.metrics.count_health_check(bool(deployment.smoke_test.get("passed")))
         logger.info("status changed", deployment_id=deployment_id, status=status, error=fields.get("error"))
         return deployment
 

@@ -70,6 +70,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
             response = error_response(AgentError("internal error; the agent's log has the details"))
     _log_request(request, response.status, started)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"  # any path: a label per path would grow
+    engine_of(request).metrics.observe_request(route, request.method, response.status, time.monotonic() - started)
     return response
 
 

@@ -220,5 +220,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     engine = engine_of(request)
     counts = await engine.status_counts()
-    text = engine.metrics.render(counts, queue_depth=counts.get("queued", 0), running=engine.running_count())
+    text = engine.metrics.render(
+        counts,
+        queue_depth=counts.get("queued", 0),
+        running=engine.running_count(),
+        callback_depth=await engine.pending_callbacks(),
+        servers_connected=engine.servers_connected(),
+    )
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import dataclasses
 import json
 from collections import Counter
@@ -142,6 +143,12 @@ class FakeEngine:
         if target.status != "succeeded":
             raise Conflict(f"deployment {deployment_id} never put a release into service", code="no_release")
         return self.add(application=target.application, rollback_of=target.id), True
+
+    async def pending_callbacks(self) -> int:
+        return 0
+
+    def servers_connected(self) -> dict[str, bool]:
+        return {"edge-1": False}
 
     async def list_applications(self) -> list[ApplicationView]:
         return [await self.get_application("web")]
@@ -811,3 +818,30 @@ async def test_metrics_endpoint_serves_prometheus_text(client: TestClient, engin
     assert "deploy_agent_queue_depth 2.0" in text
     assert "deploy_agent_running_deployments 1.0" in text
     assert 'deploy_agent_build_duration_seconds_count{outcome="succeeded"} 1.0' in text
+
+
+async def test_metrics_cover_the_process_requests_and_outbox_and_pass_promtool(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    """Process and platform collectors, build info, request durations by route, no `_created` series;
+    `promtool check metrics` (Debian's prometheus package, installed by setup-machine.sh) finds nothing wrong."""
+    deployment = engine.add(status="queued")
+    await client.get(f"/v1/deployments/{deployment.id}", headers=auth(READER))
+    await client.get("/no/such/path", headers=auth(READER))
+    text = await (await client.get("/metrics", headers=auth(READER))).text()
+    assert "process_resident_memory_bytes" in text
+    assert "python_info" in text
+    assert 'deploy_agent_build_info{python="' in text
+    assert (
+        'deploy_agent_http_request_duration_seconds_count{method="GET",route="/v1/deployments/{id}",status="200"} 1.0'
+        in text
+    )
+    assert 'route="unmatched",status="404"' in text
+    assert "deploy_agent_callback_outbox_depth 0.0" in text
+    assert 'deploy_agent_server_connected{server="edge-1"} 0.0' in text
+    assert 'deploy_agent_releases_total{outcome="succeeded"} 0.0' in text
+    assert 'deploy_agent_health_checks_total{result="passed"} 0.0' in text
+    assert "_created" not in text
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+    assert checked.stdout.decode().strip() == "" and checked.stderr.decode().strip() == ""

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from agent.api import auth
 from agent.api.app import error_middleware
+from agent.metrics import Metrics
 from agent.api.auth import (
     ADMIN_SCOPE,
     READ_SCOPE,
@@ -145,7 +146,7 @@ async def client() -> AsyncIterator[TestClient]:
         return web.json_response({"token": request[TOKEN_NAME]})
 
     app = web.Application(middlewares=[error_middleware, auth_middleware])
-    app[ENGINE] = SimpleNamespace(config=Config(tokens=TOKENS))  # type: ignore[assignment]
+    app[ENGINE] = SimpleNamespace(config=Config(tokens=TOKENS), metrics=Metrics())  # type: ignore[assignment]
     app.router.add_get("/public", public)
     app.router.add_get("/optional", optional)
     app.router.add_get("/read", read)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from tests.e2e.conftest import READ_TOKEN, AgentProcess, build_request
 from tests.e2e.test_releases import deploy, web_request
 
@@ -52,3 +54,15 @@ def test_rollback_with_an_idempotency_key_is_made_once(agent: AgentProcess) -> N
     rollbacks = [d for d in agent.request("GET", "/v1/deployments?application=idem").json()["data"] if d["rollback_of"]]
     assert len(rollbacks) == 1
     agent.wait_for(created.json()["id"])
+
+
+def test_metrics_count_releases_and_health_checks_and_pass_promtool(agent: AgentProcess) -> None:
+    """A promoted release and its passed health check are counted; the exposition passes `promtool check metrics`."""
+    deploy(agent, web_request("v1", "counted"))
+    text = agent.request("GET", "/metrics").text
+    assert 'deploy_agent_releases_total{outcome="succeeded"} 1.0' in text
+    assert 'deploy_agent_health_checks_total{result="passed"} 1.0' in text
+    assert 'route="/v1/deployments",status="201"' in text
+    assert "process_cpu_seconds_total" in text
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked
