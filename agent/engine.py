@@ -429,19 +429,25 @@ class Engine:
         capacity = self.config.agent.max_concurrent - len(self._running)
         if capacity <= 0:
             return
-        # An application whose oldest deployment is running or waiting blocks its later ones.
+        # An application whose oldest deployment is running or waiting blocks its later ones:
+        # only the heads of the others are candidates, read a page at a time.
         blocked = {running.application for running in self._running.values()}
-        for deployment in await self.store.with_status("queued"):
-            if capacity <= 0:
-                break
-            if deployment.application in blocked or deployment.id in self._running:
+        after_seq, page = 0, capacity + 16
+        while capacity > 0:
+            heads = await self.store.queue_heads(frozenset(blocked), after_seq, page)
+            for deployment in heads:
+                if capacity <= 0:
+                    break
                 blocked.add(deployment.application)
-                continue
-            blocked.add(deployment.application)
-            if not await self.targets.ready(deployment, on_ready=self._wakeup.set):
-                continue  # its Docker engine is unreachable: it waits, and the gate wakes us when it is back
-            self._start(deployment)
-            capacity -= 1
+                if deployment.id in self._running:
+                    continue  # waiting for disk room: still queued, already ours
+                if not await self.targets.ready(deployment, on_ready=self._wakeup.set):
+                    continue  # its Docker engine is unreachable: it waits, and the gate wakes us when it is back
+                self._start(deployment)
+                capacity -= 1
+            if len(heads) < page:
+                break
+            after_seq = heads[-1].seq
 
     def _start(self, deployment: Deployment, *, resume: bool = False) -> RunningDeployment:
         """Runs the deployment (`resume`: its interrupted build taken back) as a task counted in `_running`.

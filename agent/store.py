@@ -49,6 +49,8 @@ from agent.models import (
 from agent.store_pending import PendingStatuses
 
 T = TypeVar("T")
+# Up to this many rows changed since a poller's `updated_since`, the list reads them by updated_at.
+_FEW_CHANGED = 2000
 
 
 def _stored_as(hint: Any) -> tuple[str, bool]:
@@ -89,6 +91,8 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE INDEX IF NOT EXISTS deployments_status ON deployments (status, seq);
 CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, seq);
 CREATE INDEX IF NOT EXISTS deployments_updated ON deployments (updated_at);
+-- The scheduler's question, each application's oldest queued deployment, from the index alone.
+CREATE INDEX IF NOT EXISTS deployments_queue ON deployments (status, application, seq);
 CREATE TABLE IF NOT EXISTS applications (
     name            TEXT PRIMARY KEY,
     deployment_id   TEXT NOT NULL,
@@ -114,6 +118,9 @@ class Store:
         self._pending = PendingStatuses(self.path.parent)
         # Every write of a deployment below is counted there (ETags, long polls).
         self.changes = ChangeFeed()
+        # Deployments by status as reads show them (a kept final status counted as such); kept by
+        # every write below, so /metrics and /healthz never count the table.
+        self._counts: dict[str, int] = {status: 0 for status in STATUSES}
         # Called after a status change queued a callback event (the sender's wake-up).
         self.on_callback_event: Callable[[], None] = _no_one
 
@@ -218,6 +225,13 @@ class Store:
         """Deployments in any of these statuses, oldest first."""
         return await self._call(self._with_status, statuses)
 
+    async def queue_heads(self, blocked: frozenset[str], after_seq: int, limit: int) -> list[Deployment]:
+        """The oldest queued deployment of each application not in `blocked`, oldest first, after `after_seq`.
+
+        Only these rows are read and parsed: a long queue costs the scheduler nothing per pass.
+        """
+        return await self._call(self._queue_heads, blocked, after_seq, limit)
+
     async def status_counts(self) -> dict[str, int]:
         return await self._call(self._status_counts)
 
@@ -284,6 +298,12 @@ class Store:
             if item.name not in present:
                 connection.execute(f"ALTER TABLE deployments ADD COLUMN {item.name} {_STORED_AS[item.name][0]}")
         self._connection = connection
+        for status, count in connection.execute("SELECT status, COUNT(*) FROM deployments GROUP BY status"):
+            self._counts[status] = count
+        for deployment_id, status in self._pending.statuses().items():
+            row = connection.execute("SELECT status FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            if row is not None:
+                self._count_move(row["status"], status)
 
     def _insert(
         self,
@@ -312,6 +332,7 @@ class Store:
         except BaseException:
             _rollback(db)
             raise
+        self._count_move(None, deployment.status)
         row = db.execute("SELECT * FROM deployments WHERE seq = ?", (cursor.lastrowid,)).fetchone()
         return self._deployment(row), True
 
@@ -359,12 +380,23 @@ class Store:
             )
             params += [key, value]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "+seq" if query.updated_since is not None and self._few_updated_since(query.updated_since) else "seq"
         rows = self._db.execute(
-            f"SELECT * FROM deployments {where} ORDER BY seq DESC LIMIT ?", (*params, query.limit + 1)
+            f"SELECT * FROM deployments {where} ORDER BY {order} DESC LIMIT ?", (*params, query.limit + 1)
         ).fetchall()
         page = [self._deployment(row) for row in rows[: query.limit]]
         next_seq = page[-1].seq if len(rows) > query.limit else None
         return [item for item in page if query.status is None or item.status == query.status], next_seq
+
+    def _few_updated_since(self, since: str) -> bool:
+        """Whether few rows changed since `since` (a poller's usual question), looked up in the index.
+
+        Then they are read through the updated_at index and sorted (`ORDER BY +seq` keeps SQLite
+        from walking the whole table newest first looking for them); when many changed, that
+        walk finds a page at once.
+        """
+        probe = "SELECT 1 FROM deployments WHERE updated_at >= ? LIMIT 1 OFFSET ?"
+        return self._db.execute(probe, (since, _FEW_CHANGED)).fetchone() is None
 
     def _transition(self, deployment_id: str, status: str, fields: dict[str, Any]) -> Deployment:
         if status not in STATUSES:
@@ -392,6 +424,7 @@ class Store:
         except BaseException:
             _rollback(db)
             raise
+        self._count_move(current.status, status)
         return self._get(deployment_id)
 
     def _update(self, deployment_id: str, fields: dict[str, Any]) -> Deployment:
@@ -456,6 +489,7 @@ class Store:
         except BaseException:
             _rollback(db)
             raise
+        self._count_move(current.status, None)
         self._pending.discard(deployment_id)
         return current
 
@@ -467,16 +501,27 @@ class Store:
         # One whose final status waits for room is no longer what it was: nothing may start or await it.
         return [deployment for deployment in map(self._deployment, rows) if deployment.status in statuses]
 
+    def _queue_heads(self, blocked: frozenset[str], after_seq: int, limit: int) -> list[Deployment]:
+        # One whose final status waits for room is no longer queued: the next of its application is the head.
+        kept = self._pending.ids()
+        unkept = f" AND id NOT IN ({', '.join('?' for _ in kept)})" if kept else ""
+        rows = self._db.execute(
+            f"""SELECT d.* FROM deployments d JOIN (
+                    SELECT MIN(seq) AS head FROM deployments WHERE status = 'queued'{unkept} GROUP BY application
+                ) h ON d.seq = h.head
+                WHERE d.seq > ? ORDER BY d.seq LIMIT ?""",
+            (*kept, after_seq, limit + len(blocked)),
+        ).fetchall()
+        return [self._deployment(row) for row in rows if row["application"] not in blocked][:limit]
+
     def _status_counts(self) -> dict[str, int]:
-        counts = {status: 0 for status in STATUSES}
-        for status, count in self._db.execute("SELECT status, COUNT(*) FROM deployments GROUP BY status"):
-            counts[status] = count
-        for deployment_id, status in self._pending.statuses().items():
-            row = self._db.execute("SELECT status FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
-            if row is not None:
-                counts[row["status"]] -= 1
-                counts[status] += 1
-        return counts
+        return dict(self._counts)
+
+    def _count_move(self, old: str | None, new: str | None) -> None:
+        if old is not None:
+            self._counts[old] -= 1
+        if new is not None:
+            self._counts[new] += 1
 
     def _succeeded_releases(self, application: str) -> list[Deployment]:
         rows = self._db.execute(

@@ -230,3 +230,38 @@ async def test_a_final_status_kept_by_a_full_disk_is_written_once_there_is_room(
     with pytest.raises(NotFound):
         await store.get(stuck.id)
 
+
+
+async def test_status_counts_follow_every_write_and_survive_a_reopen(store: Store, tmp_path: Path) -> None:
+    first, _ = await store.insert(make())
+    second, _ = await store.insert(make("api"))
+    await store.transition(first.id, "building")
+    await store.transition(second.id, "cancelled")
+    await store.delete(second.id)
+    counts = await store.status_counts()
+    assert counts["building"] == 1 and counts["queued"] == 0 and counts["cancelled"] == 0
+    await store.close()
+    reopened = Store(tmp_path / "agent.db")
+    await reopened.open()
+    assert (await reopened.status_counts())["building"] == 1
+    await reopened.close()
+
+
+async def test_queue_heads_are_each_applications_oldest_queued(store: Store) -> None:
+    web1, _ = await store.insert(make("web"))
+    await store.insert(make("web"))
+    api1, _ = await store.insert(make("api"))
+    job1, _ = await store.insert(make("job"))
+    heads = await store.queue_heads(frozenset(), 0, 10)
+    assert [d.id for d in heads] == [web1.id, api1.id, job1.id]
+    assert [d.id for d in await store.queue_heads(frozenset({"web"}), 0, 10)] == [api1.id, job1.id]
+    assert [d.id for d in await store.queue_heads(frozenset(), web1.seq, 1)] == [api1.id]
+
+
+async def test_updated_since_newer_than_every_row_reads_the_index(store: Store) -> None:
+    for _ in range(5):
+        await store.insert(make())
+    future = "2999-01-01T00:00:00.000Z"
+    assert (await store.list(DeploymentFilter(updated_since=future))) == ([], None)
+    page, _ = await store.list(DeploymentFilter(updated_since="2000-01-01T00:00:00.000Z", limit=2))
+    assert len(page) == 2 and page[0].seq > page[1].seq

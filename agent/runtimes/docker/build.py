@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -309,9 +310,11 @@ class Builds:
 
     async def _copy_workspace(self, container_id: str, workspace: Path) -> None:
         try:
-            archive = await self._gateway.in_thread(functools.partial(archive_workspace, workspace))
+            archive = await self._gateway.in_thread(functools.partial(_archive_unless_empty, workspace))
         except OSError as exc:
             raise RuntimeFailure(f"archiving the workspace {workspace} failed: {exc}") from exc
+        if archive is None:
+            return  # nothing to copy: Docker makes the working directory /workspace itself, empty
         await self._put_archive(container_id, "/", archive, "copying the workspace into the build container")
 
     async def _copy_archive(self, container_id: str, archive_path: Path) -> None:
@@ -458,3 +461,13 @@ def _exit_code_of(waiting: asyncio.Future[dict[str, Any]] | None) -> int:
     if waiting is None or not waiting.done() or waiting.cancelled() or waiting.exception() is not None:
         return UNKNOWN_EXIT_CODE
     return int(waiting.result().get("StatusCode", UNKNOWN_EXIT_CODE))
+
+
+def _archive_unless_empty(workspace: Path) -> IO[bytes] | None:
+    """The workspace's tar, or None when it holds nothing (a build with no source saves the copy)."""
+    if not workspace.is_dir():
+        return None
+    with os.scandir(workspace) as entries:
+        if next(entries, None) is None:
+            return None
+    return archive_workspace(workspace)
