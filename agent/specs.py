@@ -361,7 +361,13 @@ class CallbackSpec(RequestObject):
 class DeploymentSpec(RequestObject):
     """What a client asked for, validated; the rest of the agent trusts it."""
 
-    application: Annotated[str, Strict(), Field(min_length=1, max_length=63), AfterValidator(_check_application)]
+    application: Annotated[
+        str,
+        Strict(),
+        # The pattern is for the published schema: the validator applies it, and Docker's rules besides.
+        Field(min_length=1, max_length=63, json_schema_extra={"pattern": f"^{APPLICATION_PATTERN.pattern}$"}),
+        AfterValidator(_check_application),
+    ]
     server: Annotated[str, Strict(), Field(min_length=1, max_length=4096), AfterValidator(_check_server)] = LOCAL_SERVER
     source: SourceSpec | None = None
     build: BuildSpec | None = None

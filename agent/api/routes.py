@@ -12,6 +12,7 @@ from aiohttp import web
 from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
 from agent.api.context import TOKEN_SCOPES, engine_of
 from agent.api.log_stream import get_logs
+from agent.api.openapi import openapi_document
 from agent.api.params import idempotency_key, parse_metadata_patch, read_json, refuse_body, request_hash
 from agent.api.polling import answer_deployment, answer_list
 from agent.config import Config
@@ -43,6 +44,7 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/v1/applications/{name}/start", start_application)
     router.add_get("/v1/servers", list_servers, allow_head=False)
     router.add_get("/v1/servers/{name}", check_server, allow_head=False)
+    router.add_get("/v1/openapi.json", get_openapi, allow_head=False)
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics, allow_head=False)
 
@@ -191,6 +193,12 @@ async def list_servers(request: web.Request) -> web.Response:
 @requires(READ_SCOPE)
 async def check_server(request: web.Request) -> web.Response:
     return web.json_response(await engine_of(request).check_server(request.match_info["name"]))
+
+
+@requires(None)
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this API; public, as it says nothing about this agent's state."""
+    return web.Response(body=openapi_document(), content_type="application/json")
 
 
 @requires(None)

@@ -756,7 +756,15 @@ def test_tail_bounds_agree_with_read_tail(tmp_path: Path, data: bytes) -> None:
         assert (data[start:end], end) == (expected, expected_end), lines
 
 
-# --- health and metrics ----------------------------------------------------------------------
+# --- health, metrics and the API description ----------------------------------------------
+
+
+async def test_openapi_document_is_public_and_other_v1_paths_are_not(client: TestClient) -> None:
+    response = await client.get("/v1/openapi.json")
+    assert response.status == 200 and response.content_type == "application/json"
+    assert (await response.json())["openapi"] == "3.1.0"
+    await envelope_of(await client.get("/v1/openapi.yaml"), 401, "unauthorized")
+    await envelope_of(await client.post("/v1/openapi.json"), 401, "unauthorized")
 
 
 async def test_healthz_is_public_and_ok(client: TestClient) -> None:
