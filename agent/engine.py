@@ -214,7 +214,7 @@ class Engine:
     ) -> tuple[Deployment, bool]:
         """Records a deployment durably and wakes the scheduler; returns (deployment, created)."""
         if not self.accepting:
-            raise Unavailable("the agent is shutting down and accepts no new deployments")
+            raise Unavailable("the agent is shutting down and accepts no new deployments", code="shutting_down")
         await self._raise_if_disk_low()
         record = self._new_record(spec)
         deployment, created = await self.store.insert(
@@ -306,7 +306,7 @@ class Engine:
         back (created False), whatever became of the release meanwhile.
         """
         if not self.accepting:
-            raise Unavailable("the agent is shutting down and accepts no new deployments")
+            raise Unavailable("the agent is shutting down and accepts no new deployments", code="shutting_down")
         await self._raise_if_disk_low()
         target = await self.store.get(deployment_id)
         if idempotency_key is not None:
