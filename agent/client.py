@@ -101,6 +101,26 @@ class AgentClient:
         """GET /v1/deployments/{id}."""
         return self._json("GET", _deployment_path(deployment_id))
 
+    def watch(self, deployment_id: str, etag: str | None, wait_s: float) -> tuple[dict[str, Any] | None, str | None]:
+        """A long poll of one deployment: (the deployment, its ETag) once it differs from `etag`, or
+        (None, etag) when `wait_s` passed with no change."""
+        headers = {"If-None-Match": etag} if etag else {}
+        query = {"wait": f"{wait_s:g}"} if etag else None
+        connection, response = self._open("GET", _deployment_path(deployment_id), query=query, headers=headers)
+        try:
+            payload = self._read(response)
+        finally:
+            connection.close()
+        if response.status == 304:
+            return None, etag
+        if not 200 <= response.status < 300:
+            raise _error_from(response.status, response.reason, payload)
+        try:
+            deployment = json.loads(payload)
+        except ValueError:
+            raise ClientError(response.status, "bad_response", f"the agent at {self.url} answered with something not JSON") from None
+        return deployment, response.getheader("ETag")
+
     def kill(self, deployment_id: str) -> dict[str, Any]:
         """POST /v1/deployments/{id}/kill."""
         return self._json("POST", _deployment_path(deployment_id, "kill"))

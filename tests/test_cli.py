@@ -70,6 +70,8 @@ class FakeAgent:
         # Statuses GET /v1/deployments/{id} walks through, one per request; the last one sticks.
         self.statuses: dict[str, list[str]] = {}
         self.errors: dict[str, dict[str, Any]] = {}
+        self.exit_codes: dict[str, int] = {}
+        self.paged = False
         self.log_chunks: list[bytes] = [b"step 1\n", b"step 2\n", b"done\n"]
         self.chunk_delay_s = 0.0
         self.release_second_chunk: threading.Event | None = None
@@ -126,7 +128,12 @@ class FakeAgent:
             deployment("dep_02", "building", application="api", updated_at="2026-11-22T12:05:00.000Z"),
             deployment("dep_01", "succeeded", server="edge-1"),
         ]
-        return web.json_response({"data": items, "next_cursor": None})
+        if not self.paged:
+            return web.json_response({"data": items, "next_cursor": None})
+        # Three pages of one: dep_02, dep_01, dep_00.
+        pages = {None: ([items[0]], "c1"), "c1": ([items[1]], "c2"), "c2": ([deployment("dep_00", "failed")], None)}
+        data, next_cursor = pages[request.query.get("cursor")]
+        return web.json_response({"data": data, "next_cursor": next_cursor})
 
     async def submit(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -140,7 +147,8 @@ class FakeAgent:
         deployment_id = request.match_info["id"]
         statuses = self.statuses.get(deployment_id, ["succeeded"])
         status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
-        return web.json_response(deployment(deployment_id, status, error=self.errors.get(deployment_id)))
+        record = deployment(deployment_id, status, error=self.errors.get(deployment_id), exit_code=self.exit_codes.get(deployment_id))
+        return web.json_response(record)
 
     async def delete(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
@@ -238,6 +246,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     """No DEPLOY_AGENT_* variables and no ./.deploy-agent/token leak into a test."""
     monkeypatch.delenv("DEPLOY_AGENT_URL", raising=False)
     monkeypatch.delenv("DEPLOY_AGENT_TOKEN", raising=False)
+    monkeypatch.delenv("DEPLOY_AGENT_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.commands, "POLL_INTERVAL_S", 0.01)
 
@@ -358,24 +367,24 @@ def test_non_envelope_error_is_summarised(agent_url: str, capsys: pytest.Capture
 
 
 def test_connection_refused_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """Nothing listening: `error: cannot reach the agent at URL: ...`, exit 1, no traceback."""
+    """Nothing listening: `error: cannot reach the agent at URL: ...`, exit 69, no traceback."""
     url = f"http://127.0.0.1:{free_port()}"
-    assert run_cli("ls", "--url", url, "--token", TOKEN) == 1
+    assert run_cli("ls", "--url", url, "--token", TOKEN) == cli.EXIT_UNREACHABLE == 69
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot reach the agent at {url}: ")
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_missing_unix_socket_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A unix URL whose socket does not exist is a one-line error, exit 1."""
+    """A unix URL whose socket does not exist is a one-line error, exit 69."""
     url = f"unix:{tmp_path}/api.sock"
-    assert run_cli("ls", "--url", url) == 1
+    assert run_cli("ls", "--url", url) == cli.EXIT_UNREACHABLE
     assert capsys.readouterr().err == f"error: cannot reach the agent at {url}: No such file or directory\n"
 
 
 def test_bad_url_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     """A URL that is neither http(s) nor unix is rejected with one line."""
-    assert run_cli("ls", "--url", "ftp://example.com") == 1
+    assert run_cli("ls", "--url", "ftp://example.com") == cli.EXIT_USAGE
     assert capsys.readouterr().err.startswith("error: ftp://example.com: the agent URL must be")
 
 
@@ -536,7 +545,7 @@ def test_submit_follow_streams_then_exits_on_status(
     """--follow writes the log to stdout, the verdict to stderr, and exits like --wait."""
     fake_agent.statuses["dep_new"] = ["cancelled"]
     code = run_cli("submit", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c", "--follow")
-    assert code == 1
+    assert code == cli.EXIT_CANCELLED == 143
     captured = capsysbinary.readouterr()
     assert captured.out == b"step 1\nstep 2\ndone\n"
     assert captured.err == b"dep_new cancelled\n"
@@ -811,3 +820,137 @@ def test_health(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """health prints the agent's status, without needing a token."""
     assert run_cli("health", "--url", agent_url) == 0
     assert capsys.readouterr().out == "ok\n"
+
+
+# --- paging, quiet, exit codes, global flags, config, completion, terminals -------------------
+
+
+def test_ls_says_on_stderr_when_more_exist_and_pages_with_cursor_and_all(
+    agent_url: str, fake_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_agent.paged = True
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN) == 0
+    out, err = capsys.readouterr()
+    assert "dep_02" in out and "dep_01" not in out
+    assert err == "more exist: deploy-agent ls --cursor c1 (or --all)\n"
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN, "--cursor", "c1") == 0
+    out, err = capsys.readouterr()
+    assert "dep_01" in out and "dep_02" not in out and "--cursor c2" in err
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN, "--all", "-q") == 0
+    out, err = capsys.readouterr()
+    assert out == "dep_02\ndep_01\ndep_00\n" and err == ""
+    assert [r["query"].get("cursor") for r in fake_agent.requests[-3:]] == [None, "c1", "c2"]
+    assert run_cli("ls", "--url", agent_url, "--token", TOKEN, "--all", "--json") == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [d["id"] for d in page["data"]] == ["dep_02", "dep_01", "dep_00"] and page["next_cursor"] is None
+
+
+def test_submit_quiet_prints_only_the_id(agent_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("submit", "-q", "--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c") == 0
+    assert capsys.readouterr().out == "dep_new\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "exit_code", "expected"),
+    [
+        ("succeeded", None, 0, 0),
+        ("failed", {"type": "build_failed", "message": "build command exited with code 7"}, 7, 7),
+        ("failed", {"type": "timeout", "message": "build timed out"}, 137, 137),
+        ("failed", {"type": "health_check_failed", "message": "never healthy"}, 3, 1),
+        ("failed", {"type": "runtime_failure", "message": "no such image"}, None, 1),
+        ("cancelled", {"type": "cancelled", "message": "killed on request"}, 143, 143),
+    ],
+)
+def test_submit_wait_exits_with_the_builds_own_code(
+    agent_url: str, fake_agent: FakeAgent, status: str, error: Any, exit_code: int | None, expected: int
+) -> None:
+    """Like `docker run`: a failed build's code is passed on; a cancelled deployment is 143."""
+    fake_agent.statuses["dep_new"] = ["queued", "building", status]
+    if error:
+        fake_agent.errors["dep_new"] = error
+    if exit_code is not None:
+        fake_agent.exit_codes["dep_new"] = exit_code
+    args = ("--url", agent_url, "--token", TOKEN, "--app", "web", "--image", "i", "--command", "c", "--wait")
+    assert run_cli("submit", *args) == expected
+
+
+def test_url_and_token_may_come_before_the_subcommand(agent_url: str, fake_agent: FakeAgent) -> None:
+    assert run_cli("--url", agent_url, "--token", TOKEN, "ls") == 0
+    assert run_cli("--url", "http://127.0.0.1:1", "--token", "wrong", "ls", "--url", agent_url, "--token", TOKEN) == 0
+    assert fake_agent.requests[-1]["headers"]["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_deploy_agent_config_names_the_agent_to_call_and_the_file_to_check(
+    agent_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = agent_url.rsplit(":", 1)[1]
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nlisten = "0.0.0.0:{port}"\nstate_dir = "{tmp_path}/state"\n')
+    monkeypatch.setenv("DEPLOY_AGENT_CONFIG", str(config))
+    assert run_cli("ls", "--token", TOKEN) == 0
+    assert run_cli("check-config") == 0
+    assert capsys.readouterr().out.endswith(f"{config}: ok\n")
+    config.write_text("[agent]\nlisten = 5\n")
+    assert run_cli("check-config") == cli.EXIT_USAGE
+    assert run_cli("ls", "--token", TOKEN) == cli.EXIT_USAGE
+    assert "DEPLOY_AGENT_CONFIG" in capsys.readouterr().err
+
+
+def test_completion_scripts_complete_commands_and_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The bash script, run by bash; zsh gets the same one through bashcompinit."""
+    import subprocess
+
+    assert run_cli("completion", "bash") == 0
+    script = tmp_path / "completion.sh"
+    script.write_text(capsys.readouterr().out)
+    assert run_cli("completion", "zsh") == 0
+    assert capsys.readouterr().out == "#compdef deploy-agent\nautoload -U +X bashcompinit && bashcompinit\n" + script.read_text()
+    probe = (
+        f"source {script}; "
+        "COMP_WORDS=(deploy-agent --url http://x l); COMP_CWORD=3; _deploy_agent; echo \"${COMPREPLY[@]}\"; "
+        "COMP_WORDS=(deploy-agent ls --a); COMP_CWORD=2; _deploy_agent; echo \"${COMPREPLY[@]}\""
+    )
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ls logs", "--app --all"]
+
+
+def test_control_characters_in_build_output_are_escaped_on_a_terminal(agent_url: str, fake_agent: FakeAgent) -> None:
+    """On a TTY, escape sequences from a build show as text; piped, the bytes are passed as they are."""
+    import os
+    import pty
+    import subprocess
+
+    fake_agent.log_chunks = [b"plain \x1b]0;owned\x07title\n", b"red \x1b[31mtext\r\x1b[2Jcleared\xc2", b"\x9b \xc3\xa9\n"]
+    command = [sys.executable, "-m", "agent", "logs", "dep_x", "--url", agent_url, "--token", TOKEN]
+    piped = subprocess.run(command, capture_output=True, timeout=30)
+    assert piped.stdout == b"".join(fake_agent.log_chunks)
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.run(command, stdout=follower, stderr=subprocess.PIPE, timeout=30)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert process.returncode == 0, process.stderr
+    text_shown = shown.replace(b"\r\n", b"\n")  # the terminal's own newline translation
+    assert b"\x1b" not in text_shown and b"\x07" not in text_shown and b"\xc2\x9b" not in text_shown
+    assert text_shown == (
+        b"plain \\x1b]0;owned\\x07title\nred \\x1b[31mtext\\x0d\\x1b[2Jcleared\\x9b \xc3\xa9\n"
+    )
+
+
+def test_control_escaper_handles_a_c1_control_split_between_chunks() -> None:
+    from agent.cli.output import ControlEscaper
+
+    escaper = ControlEscaper()
+    assert escaper.feed(b"a\xc2") + escaper.feed(b"\x9bb\xc2") + escaper.feed(b"\xa9") + escaper.flush() == b"a\\x9bb\xc2\xa9"
+    assert escaper.feed(b"tab\tok\n") == b"tab\tok\n"

@@ -1,8 +1,9 @@
 """The command line: daemon commands (`run`, `check-config`) and clients of a running agent.
 
 The client commands speak HTTP through `agent.client` and know nothing of the engine or the store.
-Exit codes: 0 success, 1 an API or connection error (or a deployment that did not succeed),
-2 a usage or config error, 130 interrupted.
+Exit codes (agent.cli.exits): 0 success; 1 an API error or a deployment that failed; with
+`--wait`, a failed build's own exit code; 2 a usage or config error; 69 the agent unreachable;
+130 interrupted; 143 a deployment that was cancelled.
 
 By job: `parser` (the argparse tree), `commands` (one handler a command), `request` (a deployment
 request from flags or a file), `output` (tables, records and errors as printed).
@@ -15,13 +16,16 @@ import sys
 from typing import Sequence
 
 from agent.cli.commands import LOCAL_TOKEN_FILE
-from agent.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from agent.cli.exits import (
+    EXIT_CANCELLED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, UsageError,
+)
 from agent.cli.output import print_client_error
 from agent.cli.parser import build_parser
 from agent.client import ClientError
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "LOCAL_TOKEN_FILE", "UsageError",
+    "EXIT_CANCELLED", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNREACHABLE", "EXIT_USAGE",
+    "LOCAL_TOKEN_FILE", "UsageError",
     "build_parser", "main",
 ]
 
@@ -40,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ClientError as exc:
         print_client_error(exc)
+        if exc.status is None and exc.error_type == "bad_url":
+            return EXIT_USAGE
+        if exc.status is None and exc.error_type in ("connection_error", "timeout"):
+            return EXIT_UNREACHABLE
         return EXIT_FAILED
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from agent.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, exit_code_of
 from agent.cli.output import (
     application_line, print_config_problems, print_list, print_record, print_verdict, stream, summary, text,
     to_json,
@@ -22,6 +22,11 @@ from agent.models import FINAL_STATUSES
 
 # Where `deploy-agent run` without a config keeps the token it generates.
 LOCAL_TOKEN_FILE = Path(".deploy-agent") / "token"
+# The config file `run` and `check-config` use when none is named, and whose `listen` clients call.
+CONFIG_ENV = "DEPLOY_AGENT_CONFIG"
+# How long one long poll of --wait is held; the agent answers the moment the deployment changes.
+WATCH_S = 20.0
+# Between plain polls, when an agent sends no ETag to long poll with.
 POLL_INTERVAL_S = 1.0
 
 
@@ -29,12 +34,13 @@ POLL_INTERVAL_S = 1.0
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    """`run`: loads the config (or the defaults) and serves until stopped."""
-    if args.config is None:
+    """`run`: loads the config (--config, else $DEPLOY_AGENT_CONFIG, else the defaults) and serves until stopped."""
+    path = args.config or os.environ.get(CONFIG_ENV) or None
+    if path is None:
         config = Config()
     else:
         try:
-            config = Config.load(args.config)
+            config = Config.load(path)
         except ConfigError as exc:
             print_config_problems(exc)
             return EXIT_USAGE
@@ -44,13 +50,16 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    """`check-config FILE`: exit 0 if the file is valid, 2 with one line per problem if not."""
+    """`check-config [FILE]`: exit 0 if the file is valid, 2 with one line per problem if not."""
+    path = args.file or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise UsageError(f"check-config needs a FILE (or ${CONFIG_ENV})")
     try:
-        Config.load(args.file)
+        Config.load(path)
     except ConfigError as exc:
         print_config_problems(exc)
         return EXIT_USAGE
-    print(f"{args.file}: ok")
+    print(f"{path}: ok")
     return EXIT_OK
 
 
@@ -66,15 +75,26 @@ def submit_deployment(args: argparse.Namespace) -> int:
 
 
 def list_deployments(args: argparse.Namespace) -> int:
-    """`ls`: a table of deployments, newest first."""
-    page = _client(args).list(
-        application=args.app, server=args.server, status=args.status, limit=args.limit
-    )
-    print_list(
-        page, args.json,
-        ("ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED"),
-        ("id", "application", "server", "status", "created_at", "updated_at"),
-    )
+    """`ls`: a page of deployments, newest first (every page with --all); says on stderr when more exist."""
+    client = _client(args)
+    filters = {"application": args.app, "server": args.server, "status": args.status, "limit": args.limit}
+    page = client.list(**filters, cursor=args.cursor)
+    data = list(page.get("data", []))
+    while args.all and page.get("next_cursor"):
+        page = client.list(**filters, cursor=page["next_cursor"])
+        data.extend(page.get("data", []))
+    next_cursor = page.get("next_cursor")
+    if args.quiet:
+        for deployment in data:
+            print(deployment.get("id"))
+    else:
+        print_list(
+            {"data": data, "next_cursor": next_cursor}, args.json,
+            ("ID", "APPLICATION", "SERVER", "STATUS", "CREATED", "UPDATED"),
+            ("id", "application", "server", "status", "created_at", "updated_at"),
+        )
+    if next_cursor:
+        print(f"more exist: deploy-agent ls --cursor {next_cursor} (or --all)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -171,8 +191,25 @@ def check_health(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> AgentClient:
-    url = args.url or os.environ.get("DEPLOY_AGENT_URL") or DEFAULT_URL
+    url = args.url or os.environ.get("DEPLOY_AGENT_URL") or _configured_url() or DEFAULT_URL
     return AgentClient(url, _resolve_token(args.token))
+
+
+def _configured_url() -> str | None:
+    """The URL of the agent that $DEPLOY_AGENT_CONFIG configures (its `agent.listen`), if it names one."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        return None
+    try:
+        listen = Config.load(path).agent.listen
+    except ConfigError as exc:
+        raise UsageError(f"${CONFIG_ENV}={path}: {'; '.join(exc.problems)}") from None
+    if listen.unix_path:
+        return f"unix:{listen.unix_path}"
+    host = listen.host or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"  # the agent listens everywhere: this host is one of them
+    return f"http://{'[' + host + ']' if ':' in host else host}:{listen.port}"
 
 
 def _resolve_token(explicit: str | None) -> str | None:
@@ -196,20 +233,29 @@ def _report_new_deployment(
         final = _wait_for_final(client, deployment["id"])
         # stdout holds the log; the verdict goes to stderr.
         print_verdict(final, as_json=args.json, stream=sys.stderr)
-        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
+        return exit_code_of(final)
     if args.wait:
-        if not args.json:
+        if args.quiet:
+            print(deployment["id"], flush=True)
+        elif not args.json:
             print(summary(deployment) + note, flush=True)
         final = _wait_for_final(client, deployment["id"])
-        print_verdict(final, as_json=args.json, stream=sys.stdout)
-        return EXIT_OK if final["status"] == "succeeded" else EXIT_FAILED
-    print(to_json(deployment) if args.json else summary(deployment) + note)
+        if not args.quiet:
+            print_verdict(final, as_json=args.json, stream=sys.stdout)
+        return exit_code_of(final)
+    if args.quiet:
+        print(deployment["id"])
+    else:
+        print(to_json(deployment) if args.json else summary(deployment) + note)
     return EXIT_OK
 
 
 def _wait_for_final(client: AgentClient, deployment_id: str) -> dict[str, Any]:
-    while True:
-        deployment = client.get(deployment_id)
-        if deployment.get("status") in FINAL_STATUSES:
-            return deployment
-        time.sleep(POLL_INTERVAL_S)
+    """Long polls until the deployment is final: each answer comes as soon as it changes."""
+    deployment, etag = client.watch(deployment_id, None, WATCH_S)
+    while deployment is None or deployment.get("status") not in FINAL_STATUSES:
+        if etag is None:
+            time.sleep(POLL_INTERVAL_S)
+        changed, etag = client.watch(deployment_id, etag, WATCH_S)
+        deployment = changed or deployment
+    return deployment

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -41,16 +42,59 @@ def print_verdict(deployment: dict[str, Any], *, as_json: bool, stream: Any) -> 
     line = summary(deployment)
     error = deployment.get("error")
     if isinstance(error, dict) and error.get("message"):
-        line += f": {error['message']}"
+        line += f": {inert(str(error['message']))}"
     print(line, file=stream)
 
 
 def stream(chunks: Iterable[bytes]) -> None:
-    """Copies log chunks to stdout as they come."""
+    """Copies log chunks to stdout as they come; escaped on a terminal (see ControlEscaper)."""
     output = sys.stdout.buffer
+    escaper = ControlEscaper() if sys.stdout.isatty() else None
     for chunk in chunks:
-        output.write(chunk)
+        output.write(escaper.feed(chunk) if escaper else chunk)
         output.flush()
+    if escaper:
+        output.write(escaper.flush())
+        output.flush()
+
+
+# C0 controls but tab and newline, DEL, and the C1 controls as UTF-8 encodes them (0xC2 0x80-0x9F).
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+_CONTROL_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class ControlEscaper:
+    """Makes build output inert on a terminal: every control character but tab and newline shows
+    as `\\xNN`, so that a build cannot move the cursor, retitle the window, rewrite what was
+    printed (carriage returns included) or hide text. Bytes are kept as they are otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk
+        # A lead byte 0xC2 at the end may start a C1 control that the next chunk completes.
+        self._carry = b"\xc2" if data.endswith(b"\xc2") else b""
+        if self._carry:
+            data = data[:-1]
+        return _CONTROL_BYTES.sub(_escaped_bytes, data)
+
+    def flush(self) -> bytes:
+        data, self._carry = self._carry, b""
+        return data
+
+
+def _escaped_bytes(match: re.Match[bytes]) -> bytes:
+    code = match.group()[-1] if len(match.group()) == 2 else match.group()[0]
+    return b"\\x%02x" % code
+
+
+def inert(value: str) -> str:
+    """`value` with control characters escaped when stdout is a terminal (cells, records, errors)."""
+    if not sys.stdout.isatty():
+        return value
+    return _CONTROL_TEXT.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
 
 
 def print_record(record: dict[str, Any], as_json: bool) -> None:
@@ -92,8 +136,8 @@ def text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(", ", ": "))
-    return str(value)
+        return json.dumps(value, separators=(", ", ": "))  # JSON escapes control characters itself
+    return inert(str(value))
 
 
 def _print_table(items: Iterable[dict[str, Any]], columns: Sequence[str], keys: Sequence[str]) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from agent import __version__
 from agent.cli import commands
+from agent.cli.completion import print_completion
 from agent.client import DEFAULT_URL
 
 Handler = Callable[[argparse.Namespace], int]
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree: one subcommand per verb, each with its handler in `handler`."""
     parser = argparse.ArgumentParser(prog="deploy-agent", description="A small, durable deployment daemon and its client.")
     parser.add_argument("--version", action="version", version=f"deploy-agent {__version__}")
+    _add_connection(parser, None)
     parser.set_defaults(handler=None)
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -24,17 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = _add(
         subcommands, "check-config", commands.check_config, "validate a config file (exit 0 if valid, 2 if not)"
     )
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", nargs="?", help=f"the config file (default ${commands.CONFIG_ENV})")
 
+    # --url and --token may come before the subcommand or after it: given after, they must not
+    # be reset by the subcommand's own default, hence SUPPRESS there.
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument(
-        "--url", help=f"the agent's URL, http://host:port or unix:/path (env DEPLOY_AGENT_URL, default {DEFAULT_URL})"
-    )
-    connection.add_argument(
-        "--token", help=f"API token (env DEPLOY_AGENT_TOKEN, else the file {commands.LOCAL_TOKEN_FILE} if present)"
-    )
+    _add_connection(connection, argparse.SUPPRESS)
     json_output = argparse.ArgumentParser(add_help=False)
     json_output.add_argument("--json", action="store_true", help="print the full JSON")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", help="print only deployment ids")
     waiting = argparse.ArgumentParser(add_help=False)
     wait_or_follow = waiting.add_mutually_exclusive_group()
     wait_or_follow.add_argument(
@@ -43,15 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     wait_or_follow.add_argument(
         "--follow", action="store_true", help="stream the log until a final status, then exit as --wait"
     )
-    _add_submit(subcommands, [connection, json_output, waiting])
+    _add_submit(subcommands, [connection, json_output, waiting, quiet])
 
     listing = _add(
-        subcommands, "ls", commands.list_deployments, "list deployments, newest first", [connection, json_output]
+        subcommands, "ls", commands.list_deployments, "list deployments, newest first", [connection, json_output, quiet]
     )
     listing.add_argument("--app", help="only this application")
     listing.add_argument("--server", help="only this server")
     listing.add_argument("--status", help="only this status")
-    listing.add_argument("--limit", type=int, help="at most this many (server default 50, max 500)")
+    listing.add_argument("--limit", type=int, help="a page of at most this many (server default 50, max 500)")
+    listing.add_argument("--cursor", help="the page after this cursor (printed when more exist)")
+    listing.add_argument("--all", action="store_true", help="every page, not just the first")
 
     _add(subcommands, "show", commands.show_deployment, "show one deployment", [connection, json_output], "id")
     logs = _add(subcommands, "logs", commands.show_logs, "print a deployment's log", [connection], "id")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(subcommands, "rm", commands.remove_deployment, "delete a deployment's record and log", [connection], "id")
     _add(
         subcommands, "rollback", commands.rollback_deployment, "redeploy the release of an earlier deployment",
-        [connection, json_output, waiting], "id",
+        [connection, json_output, waiting, quiet], "id",
     )
 
     apps = _add(
@@ -89,7 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument("name", metavar="NAME", nargs="?", help="the server to test")
 
     _add(subcommands, "health", commands.check_health, "ask whether the agent can serve", [connection, json_output])
+    completion = _add(
+        subcommands, "completion", print_completion,
+        "print a shell completion script: eval \"$(deploy-agent completion bash)\"",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
+
+
+def _add_connection(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--url", default=default,
+        help=f"the agent's URL, http://host:port or unix:/path (env DEPLOY_AGENT_URL, else the listen address of "
+        f"${commands.CONFIG_ENV}, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token", default=default,
+        help=f"API token (env DEPLOY_AGENT_TOKEN, else the file {commands.LOCAL_TOKEN_FILE} if present)",
+    )
 
 
 _METAVARS = {"id": "ID", "application": "APP"}

@@ -48,16 +48,29 @@ def test_submit_follow_ls_show_logs_rm(agent: AgentProcess, source_dir: Path) ->
     assert "Traceback" not in missing.stderr
 
 
-def test_failed_build_exits_1_and_kill_cancels(agent: AgentProcess) -> None:
-    """--wait exits 1 on a failed build; kill of a running one through the CLI cancels it."""
+def test_wait_exits_with_the_builds_code_143_when_killed_and_69_without_an_agent(agent: AgentProcess) -> None:
+    """--wait exits with a failed build's own code (like `docker run`), 143 when the deployment is
+    killed meanwhile, 69 when no agent answers; kill through the CLI cancels a running build."""
     failed = cli(agent.url, "submit", "--app", "clifail", "--image", "local/busybox", "--command", "exit 4", "--wait")
-    assert failed.returncode == 1
+    assert failed.returncode == 4, failed.stderr
     assert "failed" in failed.stdout + failed.stderr
-    created = agent.submit({"application": "clikill", "build": {"image": "local/busybox", "command": "sleep 60"}})
-    agent.wait_for(created["id"], lambda d: d["status"] == "building" and d["container_id"])
-    killed = cli(agent.url, "kill", created["id"])
+    env = {**os.environ, "DEPLOY_AGENT_URL": agent.url, "DEPLOY_AGENT_TOKEN": ADMIN_TOKEN}
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "agent", "submit", "-q", "--wait", "--app", "clikill", "--image", "local/busybox",
+         "--command", "sleep 60"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert waiting.stdout is not None
+    deployment_id = waiting.stdout.readline().strip()
+    assert deployment_id.startswith("dep_")
+    agent.wait_for(deployment_id, lambda d: d["status"] == "building" and d["container_id"])
+    killed = cli(agent.url, "kill", deployment_id)
     assert killed.returncode == 0, killed.stderr
-    assert agent.wait_for(created["id"], timeout=10)["status"] == "cancelled"
+    # The long poll of --wait sees the change at once: well before its 20 s poll would end.
+    assert waiting.wait(timeout=15) == 143
+    assert agent.get(deployment_id)["status"] == "cancelled"
+    unreachable = cli("http://127.0.0.1:9", "ls")
+    assert unreachable.returncode == 69 and unreachable.stderr.startswith("error: cannot reach the agent")
 
 
 def test_logs_follow_prints_lines_as_they_arrive(agent: AgentProcess) -> None:
