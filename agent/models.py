@@ -130,7 +130,21 @@ _NOT_SHOWN = frozenset({"spec", "release", "release_from", "seq"})
 
 
 def spec_json(spec: DeploymentSpec) -> dict[str, Any]:
-    """The spec as responses echo it: env values redacted, metadata left to the top-level field."""
+    """The spec as responses echo it: env values redacted, metadata left to the top-level field.
+
+    Made once per spec object and kept on it (specs are immutable, and the store hands out one
+    object per stored spec): it was the larger part of a list's CPU. Callers must not change it.
+    """
+    cached = spec.__dict__.get(_SPEC_JSON)
+    if cached is None:
+        cached = spec.__dict__[_SPEC_JSON] = _make_spec_json(spec)
+    return cached
+
+
+_SPEC_JSON = "_response_json"  # not a dataclass field: asdict and == never see it
+
+
+def _make_spec_json(spec: DeploymentSpec) -> dict[str, Any]:
     data = spec.to_dict()
     del data["metadata"]
     for key in ("build", "run"):

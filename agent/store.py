@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import sqlite3
 import time
@@ -602,10 +603,17 @@ def _encode(name: str, value: Any) -> Any:
 
 def _decode(name: str, value: Any) -> Any:
     if name == "spec":
-        return DeploymentSpec.from_dict(json.loads(value))
+        return _spec_of(value)
     if name in JSON_COLUMNS:
         return json.loads(value) if value else None
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_of(text: str) -> DeploymentSpec:
+    """One spec object per stored spec text: decoding, and the response JSON kept on the object
+    (models.spec_json), are paid once per spec rather than on every read of its row."""
+    return DeploymentSpec.from_dict(json.loads(text))
 
 
 def _row_to_deployment(row: sqlite3.Row) -> Deployment:

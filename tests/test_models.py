@@ -441,3 +441,20 @@ def test_a_spec_built_in_code_is_not_validated_again() -> None:
     assert RunSpec(bind="0.0.0.0").bind == "0.0.0.0"
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.application = "b"  # type: ignore[misc]
+
+
+def test_the_response_json_of_a_spec_is_made_once_and_never_leaks_into_the_spec() -> None:
+    import dataclasses
+
+    from agent.deployment_request import parse_deployment_request
+    from agent.models import spec_json
+
+    body = {"application": "web", "build": {"image": "local/busybox", "command": "make", "env": {"SECRET": "v"}}}
+    spec = parse_deployment_request(body, check_source=False)
+    first = spec_json(spec)
+    assert first["build"]["env"] == {"SECRET": "***"}
+    assert spec_json(spec) is first
+    assert spec.to_dict()["build"]["env"] == {"SECRET": "v"} and "_response_json" not in spec.to_dict()
+    assert spec == parse_deployment_request(body, check_source=False)
+    changed = dataclasses.replace(spec, build=dataclasses.replace(spec.build, env={"OTHER": "w"}))
+    assert spec_json(changed)["build"]["env"] == {"OTHER": "***"}
