@@ -52,16 +52,21 @@ def fill(database: Path, rows: int) -> int:
         return db.execute("SELECT MAX(seq) FROM deployments").fetchone()[0]
 
 
-def query_p50(url: str, params: dict[str, str], count: int = 50) -> float:
+def timed(method: str, url: str, count: int, expected: int, headers: dict[str, str], **options: object) -> list[float]:
+    """Latencies of `count` requests one after another on one keep-alive session."""
     session = requests.Session()
-    session.headers.update(AUTH)
+    session.headers.update(headers)
     times = []
     for _ in range(count):
         began = time.perf_counter()
-        response = session.get(url, params=params)
+        response = session.request(method, url, **options)  # type: ignore[arg-type]
         times.append(time.perf_counter() - began)
-        assert response.status_code == 200, response.text
-    return median(times)
+        assert response.status_code == expected, response.text
+    return times
+
+
+def query_p50(url: str, params: dict[str, str], count: int = 50) -> float:
+    return median(timed("GET", url, count, 200, AUTH, params=params))
 
 
 def lists(agent: Agent, max_seq: int) -> dict[str, float]:
@@ -80,15 +85,7 @@ def lists(agent: Agent, max_seq: int) -> dict[str, float]:
 
 
 def post_latency(url: str, count: int, body: dict, headers: dict[str, str]) -> list[float]:
-    session = requests.Session()
-    session.headers.update(headers)
-    times = []
-    for _ in range(count):
-        began = time.perf_counter()
-        response = session.post(url, json=body)
-        times.append(time.perf_counter() - began)
-        assert response.status_code == 201, response.text
-    return times
+    return timed("POST", url, count, 201, headers, json=body)
 
 
 def main() -> None:
