@@ -106,20 +106,12 @@ class AgentClient:
         (None, etag) when `wait_s` passed with no change."""
         headers = {"If-None-Match": etag} if etag else {}
         query = {"wait": f"{wait_s:g}"} if etag else None
-        connection, response = self._open("GET", _deployment_path(deployment_id), query=query, headers=headers)
-        try:
-            payload = self._read(response)
-        finally:
-            connection.close()
+        response, payload = self._exchange("GET", _deployment_path(deployment_id), query=query, headers=headers)
         if response.status == 304:
             return None, etag
         if not 200 <= response.status < 300:
             raise _error_from(response.status, response.reason, payload)
-        try:
-            deployment = json.loads(payload)
-        except ValueError:
-            raise ClientError(response.status, "bad_response", f"the agent at {self.url} answered with something not JSON") from None
-        return deployment, response.getheader("ETag")
+        return self._object_of(response.status, payload), response.getheader("ETag")
 
     def kill(self, deployment_id: str) -> dict[str, Any]:
         """POST /v1/deployments/{id}/kill."""
@@ -190,7 +182,10 @@ class AgentClient:
     # --- transport -------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, **options: Unpack[_RequestOptions]) -> dict[str, Any]:
-        status, payload = self._call(method, path, **options)
+        return self._object_of(*self._call(method, path, **options))
+
+    def _object_of(self, status: int, payload: bytes) -> dict[str, Any]:
+        """An answer's body as the JSON object it must be; ClientError otherwise."""
         try:
             data = json.loads(payload)
         except ValueError:
@@ -200,14 +195,20 @@ class AgentClient:
         return data
 
     def _call(self, method: str, path: str, **options: Unpack[_RequestOptions]) -> tuple[int, bytes]:
-        connection, response = self._open(method, path, **options)
-        try:
-            payload = self._read(response)
-        finally:
-            connection.close()
+        response, payload = self._exchange(method, path, **options)
         if not 200 <= response.status < 300:
             raise _error_from(response.status, response.reason, payload)
         return response.status, payload
+
+    def _exchange(
+        self, method: str, path: str, **options: Unpack[_RequestOptions]
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        """One request, its response read whole, the connection closed; whatever the status."""
+        connection, response = self._open(method, path, **options)
+        try:
+            return response, self._read(response)
+        finally:
+            connection.close()
 
     def _open(
         self,

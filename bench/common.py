@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -123,10 +121,16 @@ class Agent:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        subprocess.run(
-            "docker ps -aq --filter label=deploy-agent.deployment | xargs -r docker rm -f",
-            shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        # Only this agent's containers: another agent on the machine keeps its own.
+        ours = {log.stem for log in (self.state / "logs").glob("dep_*.log")}
+        listed = subprocess.run(
+            ["docker", "ps", "-a", "--filter", "label=deploy-agent.deployment",
+             "--format", '{{.ID}} {{.Label "deploy-agent.deployment"}}'],
+            capture_output=True, text=True,
+        ).stdout.split("\n")
+        leftovers = [line.split()[0] for line in listed if line.strip() and line.split()[-1] in ours]
+        if leftovers:
+            subprocess.run(["docker", "rm", "-f", *leftovers], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -267,12 +271,3 @@ def report(name: str, value: str, baseline: str | None = None, ratio: float | No
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
-
-def sqlite_rows(path: Path, query: str) -> list[Any]:
-    with sqlite3.connect(path) as db:
-        return db.execute(query).fetchall()
-
-
-def environment() -> str:
-    docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
-    return f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, Docker {docker.stdout.strip()}"

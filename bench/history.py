@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
 import requests
 
-sys_path_root = Path(__file__).resolve().parents[1]
-import sys  # noqa: E402
+from common import AUTH, IMAGE, ROOT, Agent, BareServer, median, ms, percentile, report, rss_mib
 
-sys.path.insert(0, str(sys_path_root))
+sys.path.insert(0, str(ROOT))  # the agent's own cursor encoding, to ask for a deep page
 from agent.api.cursor import encode_cursor  # noqa: E402
-from common import AUTH, IMAGE, Agent, BareServer, median, ms, percentile, report, rss_mib  # noqa: E402
 
 OLD = "2020-01-01T00:00:00.000Z"
 FUTURE = "2099-01-01T00:00:00.000Z"

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 import time
 
 import aiohttp
+import psutil
 import requests
 
 from common import AUTH, IMAGE, Agent, BareServer, cpu_percent_over, ms, open_loop, percentile, report, rss_mib
@@ -44,8 +46,6 @@ async def hold_long_polls(url: str, etag: str, count: int, ready: asyncio.Event,
 
 def long_poll_cost(agent: Agent, deployment_id: str, etag: str, count: int, seconds: float) -> tuple[float, float, float]:
     """(RSS before, RSS while holding `count` long polls, CPU % while they wait)."""
-    import threading
-
     before = rss_mib(agent.ps)
     loop = asyncio.new_event_loop()
     ready, release = asyncio.Event(), asyncio.Event()
@@ -76,8 +76,6 @@ def main() -> None:
         url = f"{agent.url}/v1/deployments/{created['id']}"
         etag = requests.get(url, headers=AUTH).headers["ETag"]
 
-        import threading
-
         latencies: list[float] = []
         poller = threading.Thread(
             target=lambda: latencies.extend(open_loop(url, 100, args.seconds, headers={**AUTH, "If-None-Match": etag}))
@@ -88,8 +86,6 @@ def main() -> None:
         poller.join()
         bare_poll = BareServer(b"")
         try:
-            import psutil
-
             bare_thread = threading.Thread(target=lambda: open_loop(f"{bare_poll.url}/fixed", 100, args.seconds, headers={}))
             bare_thread.start()
             time.sleep(1)

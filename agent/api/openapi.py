@@ -414,23 +414,20 @@ def _paths() -> Json:
                 operationId="getApplication",
             ),
         },
-        "/v1/applications/{name}/stop": {
-            "parameters": [_param("ApplicationName")],
-            "post": _operation(
-                "Take the current release out of service",
-                WRITE,
-                {"202": _json("The application.", application), **_error_responses(404, 409, 413, 415)},
-                operationId="stopApplication",
-            ),
-        },
-        "/v1/applications/{name}/start": {
-            "parameters": [_param("ApplicationName")],
-            "post": _operation(
-                "Bring the current release back into service",
-                WRITE,
-                {"202": _json("The application.", application), **_error_responses(404, 409, 413, 415)},
-                operationId="startApplication",
-            ),
+        **{
+            f"/v1/applications/{{name}}/{action}": {
+                "parameters": [_param("ApplicationName")],
+                "post": _operation(
+                    summary,
+                    WRITE,
+                    {"202": _json("The application.", application), **_error_responses(404, 409, 413, 415)},
+                    operationId=f"{action}Application",
+                ),
+            }
+            for action, summary in (
+                ("stop", "Take the current release out of service"),
+                ("start", "Bring the current release back into service"),
+            )
         },
         "/v1/servers": {
             "get": _operation(
