@@ -29,6 +29,7 @@ from agent.metrics import Metrics
 from agent.models import Deployment, DeploymentFilter, DeploymentSpec, new_deployment_id, utc_now
 from agent.policy import authorize_spec
 from agent.releases import ReleaseManager
+from agent.schedules import Schedules
 from agent.servers import Servers
 from agent.store import Application, Store
 from agent.targets.base import workspace_of
@@ -83,6 +84,8 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._reconciled = False
+        # Schedules put their runs into this queue (their config is always the one in force).
+        self.schedules = Schedules(store, lambda: self.config, self._new_record, self._wakeup.set)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class Engine:
         self.accepting = True
         self._scheduler = asyncio.create_task(self._reconcile_then_schedule(), name="scheduler")
         self._wakeup.set()
+        self.schedules.start()
 
     async def _reconcile_then_schedule(self) -> None:
         # Docker may be down at boot: accept (durably) and answer 503 on /healthz until it is back.
@@ -182,6 +186,7 @@ class Engine:
 
     async def _stop_scheduling(self) -> None:
         self.accepting = False
+        await self.schedules.stop()
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

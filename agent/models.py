@@ -114,6 +114,11 @@ class Deployment:
     release_from: str | None = None
     # Delivery of its status callbacks (agent.callback_outbox.summary); None without a callback.
     callbacks: Mapping[str, Any] | None = None
+    # A run of a schedule: which, the run it retries, and how it came about ({"reason",
+    # "attempt", "scheduled_for", "timeout_s"}: agent.schedules).
+    schedule_id: str | None = None
+    retry_of: str | None = None
+    schedule_run: Mapping[str, Any] | None = None
     seq: int = 0
 
     @property
@@ -171,4 +176,5 @@ class DeploymentFilter:
     after_seq: int | None = None
     # (key, value) pairs that the deployment's metadata must all hold, as strings.
     metadata: tuple[tuple[str, str], ...] = ()
+    schedule_id: str | None = None
 

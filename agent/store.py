@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import json
 import sqlite3
@@ -32,6 +33,7 @@ from types import UnionType
 from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from agent import callback_outbox as outbox
+from agent import schedule_rows
 from agent.callback_outbox import CallbackEvent
 from agent.changes import ChangeFeed
 from agent.disk import disk_full_of, is_sqlite_disk_full
@@ -44,10 +46,17 @@ from agent.models import (
     Deployment,
     DeploymentFilter,
     DeploymentSpec,
+    format_time,
     new_id,
+    parse_time,
     utc_now,
 )
+from agent.schedule_models import Schedule, ScheduleFilter
+from agent.schedule_outcomes import Trigger, after_run, is_skipped, plan_trigger, started
 from agent.store_pending import PendingStatuses
+
+# Builds the queued run a trigger starts: (schedule, trigger reason, scheduled time, attempt, run it retries).
+MakeRun = Callable[[Schedule, str, "dt.datetime | None", int, "str | None"], Deployment]
 
 T = TypeVar("T")
 # Up to this many rows changed since a poller's `updated_since`, the list reads them by updated_at.
@@ -89,6 +98,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     request_hash TEXT
 );
 {outbox.SCHEMA}
+{schedule_rows.SCHEMA}
 CREATE INDEX IF NOT EXISTS deployments_status ON deployments (status, seq);
 CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, seq);
 CREATE INDEX IF NOT EXISTS deployments_updated ON deployments (updated_at);
@@ -124,6 +134,8 @@ class Store:
         self._counts: dict[str, int] = {status: 0 for status in STATUSES}
         # Called after a status change queued a callback event (the sender's wake-up).
         self.on_callback_event: Callable[[], None] = _no_one
+        # Called after a run of a schedule ended (the trigger loop's wake-up: a retry may be due).
+        self.on_schedule_event: Callable[[], None] = _no_one
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -185,6 +197,8 @@ class Store:
         self.changes.changed(deployment.id)
         if deployment.spec.callback is not None:
             self.on_callback_event()
+        if deployment.schedule_id is not None and deployment.is_final:
+            self.on_schedule_event()
 
     async def update(self, deployment_id: str, **fields: Any) -> Deployment:
         """Sets fields other than status (pid, container_id, ...) and stamps updated_at."""
@@ -250,6 +264,159 @@ class Store:
         """Records the application's current release and whether it runs."""
         return await self._call(self._set_application, name, deployment_id, state, keep_since)
 
+    # --- schedules (agent.schedules triggers them) -------------------------------------------
+
+    async def create_schedule(
+        self, schedule: Schedule, idempotency_key: str | None, request_hash: str | None
+    ) -> tuple[Schedule, bool]:
+        return await self._call(self._transaction, lambda: schedule_rows.insert(self._db, schedule, idempotency_key,
+                                                                               request_hash))
+
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return await self._call(lambda: schedule_rows.get(self._db, schedule_id))
+
+    async def list_schedules(self, query: ScheduleFilter) -> tuple[list[Schedule], int | None]:
+        return await self._call(lambda: schedule_rows.page(self._db, query))
+
+    async def change_schedule(self, schedule_id: str, change: Callable[[Schedule], Schedule]) -> Schedule:
+        """Reads, changes (`change` is pure: it runs on the store thread) and writes a schedule in one transaction.
+
+        A schedule that no longer triggers by itself (paused, archived) loses its pending retries.
+        """
+        def apply() -> Schedule:
+            changed = change(schedule_rows.get(self._db, schedule_id))
+            schedule_rows.write(self._db, changed)
+            if not changed.triggers:
+                schedule_rows.drop_retries(self._db, schedule_id)
+            return schedule_rows.get(self._db, schedule_id)
+
+        return await self._call(self._transaction, apply)
+
+    async def next_schedule_due(self) -> str | None:
+        """When the next schedule or retry falls due (RFC 3339), from the indexes alone."""
+        return await self._call(lambda: schedule_rows.next_due(self._db))
+
+    async def fire_due_schedules(
+        self, now: dt.datetime, make_run: MakeRun, *, after_downtime: bool, limit: int, max_queued: int | None
+    ) -> list[Deployment]:
+        """Fires every schedule due at `now` (at most `limit`), all in one transaction; returns the runs started.
+
+        Each advances to its next trigger time in the same transaction as the run it starts,
+        so a crash can neither lose a trigger nor run it twice.
+        """
+        runs = await self._call(self._transaction, lambda: self._fire_due(now, make_run, after_downtime, limit,
+                                                                          max_queued))
+        for run in runs:
+            self._changed(run)
+        return runs
+
+    async def fire_due_retries(self, now: dt.datetime, make_run: MakeRun, limit: int) -> list[Deployment]:
+        """Starts the retries due at `now`, each as a new run linked to the run it retries."""
+        runs = await self._call(self._transaction, lambda: self._fire_retries(now, make_run, limit))
+        for run in runs:
+            self._changed(run)
+        return runs
+
+    async def trigger_schedule(
+        self, schedule_id: str, make_run: MakeRun, idempotency_key: str | None, request_hash: str | None,
+        max_queued: int | None,
+    ) -> tuple[Deployment, bool]:
+        """Starts a run now, on request (paused or not, whatever runs); (the run, created)."""
+        def trigger() -> tuple[Deployment, bool]:
+            if idempotency_key is not None:
+                earlier = self._by_idempotency_key(idempotency_key, request_hash)
+                if earlier is not None:
+                    return earlier, False
+            schedule = schedule_rows.get(self._db, schedule_id)
+            if schedule.is_archived:
+                raise Conflict(f"schedule {schedule_id} is archived: it starts no more runs", code="archived")
+            self._check_queue(max_queued)
+            run = make_run(schedule, "manual", None, 1, None)
+            self._insert_row(run, idempotency_key, request_hash)
+            schedule_rows.write(self._db, dataclasses.replace(
+                schedule, stats=started(schedule.stats, run.id, run.created_at)))
+            return self._get(run.id), True
+
+        run, created = await self._call(self._transaction, trigger)
+        if created:
+            self._changed(run)
+        return run, created
+
+    def _fire_due(
+        self, now: dt.datetime, make_run: MakeRun, after_downtime: bool, limit: int, max_queued: int | None
+    ) -> list[Deployment]:
+        runs = []
+        for schedule in schedule_rows.due(self._db, _stamp(now), limit):
+            trigger = plan_trigger(schedule, now, after_downtime=after_downtime)
+            if trigger is None:
+                continue
+            stats = dataclasses.replace(schedule.stats, missed_runs=schedule.stats.missed_runs + trigger.missed)
+            if trigger.run:
+                if is_skipped(schedule, schedule_rows.in_progress_runs(self._db, schedule.id)) or self._queue_full(
+                    max_queued
+                ):
+                    stats = dataclasses.replace(stats, skipped_runs=stats.skipped_runs + 1)
+                else:
+                    run = make_run(schedule, trigger.reason, trigger.scheduled_for, 1, None)
+                    self._insert_row(run, None, None)
+                    stats = started(stats, run.id, run.created_at)
+                    runs.append(self._get(run.id))
+            schedule_rows.write(self._db, _advanced(schedule, trigger, stats))
+        return runs
+
+    def _fire_retries(self, now: dt.datetime, make_run: MakeRun, limit: int) -> list[Deployment]:
+        runs = []
+        for retry in schedule_rows.due_retries(self._db, _stamp(now), limit):
+            schedule_rows.drop_retry(self._db, retry.deployment_id)
+            try:
+                schedule = schedule_rows.get(self._db, retry.schedule_id)
+            except NotFound:
+                continue
+            if not schedule.triggers:
+                continue
+            run = make_run(schedule, "retry", None, retry.attempt, retry.deployment_id)
+            self._insert_row(run, None, None)
+            schedule_rows.write(self._db, dataclasses.replace(
+                schedule, stats=started(schedule.stats, run.id, run.created_at)))
+            runs.append(self._get(run.id))
+        return runs
+
+    def _run_moved(self, run: Deployment) -> None:
+        """In a run's status change's transaction: its schedule's stats, retry and pause follow."""
+        try:
+            schedule = schedule_rows.get(self._db, run.schedule_id or "")
+        except NotFound:
+            return
+        if not run.is_final:
+            if schedule.stats.last_run_id == run.id:
+                schedule_rows.write(self._db, dataclasses.replace(
+                    schedule, stats=dataclasses.replace(schedule.stats, last_status=run.status)))
+            return
+        attempt = int((run.schedule_run or {}).get("attempt", 1))
+        finished = parse_time(run.finished_at or utc_now())
+        end = after_run(schedule, run.id, run.status, (run.error or {}).get("message"), attempt, finished)
+        changed = dataclasses.replace(schedule, stats=end.stats)
+        if end.pause_reason is not None:
+            changed = dataclasses.replace(changed, status="paused", paused_reason=end.pause_reason,
+                                          paused_at=run.finished_at, next_due_at=None, updated_at=utc_now())
+            schedule_rows.drop_retries(self._db, schedule.id)
+        elif end.retry_due is not None:
+            schedule_rows.add_retry(self._db, schedule_rows.Retry(run.id, schedule.id, attempt + 1,
+                                                                  _stamp(end.retry_due)))
+        schedule_rows.write(self._db, changed)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            self._recount()
+            raise
+        return result
+
     # --- the store thread ------------------------------------------------------------------
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
@@ -298,7 +465,14 @@ class Store:
         for item in FIELDS:
             if item.name not in present:
                 connection.execute(f"ALTER TABLE deployments ADD COLUMN {item.name} {_STORED_AS[item.name][0]}")
+        connection.execute(schedule_rows.DEPLOYMENTS_INDEX)
         self._connection = connection
+        self._recount()
+
+    def _recount(self) -> None:
+        """Counts the deployments by status from the table (at open, and after a failed write that counted ahead)."""
+        connection = self._db
+        self._counts = {status: 0 for status in STATUSES}
         for status, count in connection.execute("SELECT status, COUNT(*) FROM deployments GROUP BY status"):
             self._counts[status] = count
         for deployment_id, status in self._pending.statuses().items():
@@ -321,21 +495,32 @@ class Store:
                 if earlier is not None:
                     _rollback(db)
                     return earlier, False
-            if max_queued is not None:
-                (queued,) = db.execute("SELECT COUNT(*) FROM deployments WHERE status = 'queued'").fetchone()
-                if queued >= max_queued:
-                    _rollback(db)
-                    raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
-            values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
-            cursor = db.execute(_INSERT, (*values, idempotency_key, request_hash))
-            self._queue_callback(deployment.id)
+            self._check_queue(max_queued)
+            self._insert_row(deployment, idempotency_key, request_hash)
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
+            self._recount()
             raise
+        return self._get(deployment.id), True
+
+    def _insert_row(self, deployment: Deployment, idempotency_key: str | None, request_hash: str | None) -> None:
+        """Inside a transaction: the new deployment's row, and its first callback event."""
+        values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
+        self._db.execute(_INSERT, (*values, idempotency_key, request_hash))
+        self._queue_callback(deployment.id)
+        # Counted before the commit: a failed commit re-reads the counts (_recount) rather than undo this.
         self._count_move(None, deployment.status)
-        row = db.execute("SELECT * FROM deployments WHERE seq = ?", (cursor.lastrowid,)).fetchone()
-        return self._deployment(row), True
+
+    def _queue_full(self, max_queued: int | None) -> bool:
+        if max_queued is None:
+            return False
+        return self._counts["queued"] >= max_queued
+
+    def _check_queue(self, max_queued: int | None) -> None:
+        if self._queue_full(max_queued):
+            queued = self._counts["queued"]
+            raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
 
     def _by_idempotency_key(self, key: str, request_hash: str | None) -> Deployment | None:
         row = self._db.execute("SELECT * FROM deployments WHERE idempotency_key = ?", (key,)).fetchone()
@@ -358,7 +543,7 @@ class Store:
     def _list(self, query: DeploymentFilter) -> tuple[list[Deployment], int | None]:
         clauses: list[str] = []
         params: list[Any] = []
-        for column in ("application", "server"):
+        for column in ("application", "server", "schedule_id"):
             value = getattr(query, column)
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -416,6 +601,8 @@ class Store:
             values = _transition_values(current, status, fields)
             self._write(deployment_id, values)
             self._queue_callback(deployment_id)
+            if current.schedule_id is not None:
+                self._run_moved(self._get(deployment_id))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(db)
@@ -575,6 +762,16 @@ def _transition_values(current: Deployment, status: str, fields: dict[str, Any])
         if current.started_at is None and status == "succeeded":
             values["started_at"] = now
     return values
+
+
+def _stamp(moment: dt.datetime) -> str:
+    return format_time(moment)
+
+
+def _advanced(schedule: Schedule, trigger: Trigger, stats: Any) -> Schedule:
+    """The schedule after a trigger: its next due time and stats."""
+    next_due = None if trigger.next_due is None else format_time(trigger.next_due)
+    return dataclasses.replace(schedule, next_due_at=next_due, stats=stats)
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -33,7 +33,7 @@ from agent.errors import (
 )
 from agent.logs import DeploymentLog, LogPolicy
 from agent.metrics import Metrics
-from agent.models import FINAL_STATUSES, IN_PROGRESS_STATUSES, Deployment
+from agent.models import FINAL_STATUSES, IN_PROGRESS_STATUSES, Deployment, parse_time
 from agent.policy import authorize_spec
 from agent.releases import ReleaseManager
 from agent.store import Store
@@ -60,6 +60,9 @@ class RunningDeployment:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # Set once the build's work runs and is known (started, or found again after a restart).
     work_known: asyncio.Event = field(default_factory=asyncio.Event)
+    # A schedule's timeout_s, once it stopped the run (and the task doing so).
+    timeout_s: float = 0.0
+    stopping: asyncio.Task[None] | None = None
 
 
 class Worker:
@@ -114,6 +117,7 @@ class Worker:
         started = time.monotonic()
         outcome: str = "failed"
         pruned = False
+        deadline = self._enforce_run_timeout(deployment, running)
         try:
             if not resumed:
                 log.agent("queue", f"deployment {deployment.id} of {deployment.application} started")
@@ -158,6 +162,8 @@ class Worker:
                 log.agent("done", f"deployment failed: {failure.message}")
                 await self.set_status(deployment.id, "failed", **failure.failure_fields())
         finally:
+            if deadline is not None:
+                deadline.cancel()
             if spec.run is not None and not pruned:
                 await self._prune_quietly(deployment, target, log)
             if spec.build is not None:
@@ -166,6 +172,23 @@ class Worker:
             if spec.build is not None:
                 self.metrics.observe_build(time.monotonic() - started, outcome)
             await remove_workspace(workspace_of(self.config, deployment.id))
+
+    def _enforce_run_timeout(self, deployment: Deployment, running: RunningDeployment) -> asyncio.TimerHandle | None:
+        """A schedule's `timeout_s`: the run is stopped and fails once it has run that long (counted from
+        its real start, across restarts)."""
+        timeout_s = (deployment.schedule_run or {}).get("timeout_s")
+        if not timeout_s:
+            return None
+        ran_s = 0.0
+        if deployment.started_at is not None:
+            ran_s = max(0.0, time.time() - parse_time(deployment.started_at).timestamp())
+        loop = asyncio.get_running_loop()
+
+        def time_out() -> None:
+            running.timeout_s = float(timeout_s)
+            running.stopping = loop.create_task(self.stop(running, "timeout"), name=f"timeout-{deployment.id}")
+
+        return loop.call_later(max(0.0, float(timeout_s) - ran_s), time_out)
 
     async def _take_back(self, deployment: Deployment, target: Target, log: DeploymentLog, watch: _Watch) -> Built:
         """The interrupted build taken back; started afresh if its work had not started; WorkLost if it vanished."""
@@ -201,6 +224,11 @@ class Worker:
             log.agent("done", "deployment cancelled: killed on request")
             await self.end(deployment.id, "cancelled", "cancelled", "killed on request")
             return "cancelled"
+        if running.stop_reason == "timeout":
+            message = f"the run passed its schedule's timeout_s ({running.timeout_s:g} s) and was stopped"
+            log.agent("done", f"deployment failed: {message}")
+            await self.end(deployment.id, "failed", "timeout", message)
+            return "failed"
         message = "the agent shut down before this deployment finished"
         log.agent("done", f"deployment failed: {message}")
         await self.end(deployment.id, "failed", "agent_shutdown", message)

@@ -14,70 +14,36 @@ from functools import cache
 from typing import Any, get_args
 
 from agent import __version__
+from agent.api.openapi_parts import (
+    ETAG,
+    INTEGER,
+    READ,
+    SCHEMAS,
+    TEXT,
+    TIME,
+    WRITE,
+    Json,
+    error_responses,
+    json_answer,
+    json_body,
+    nullable,
+    object_schema,
+    operation,
+    parameter,
+    path_parameter,
+    query_parameter,
+    ref,
+)
+from agent.api import openapi_schedules
 from agent.api.params import DEFAULT_LIST_LIMIT, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_LIST_LIMIT, MAX_WAIT_S
 from agent.deployment_request import deployment_request_schema
 from agent.errors import ErrorType
 from agent.models import STATUSES
 
-SCHEMAS = "#/components/schemas/"
-Json = dict[str, Any]
-
-
-def _ref(name: str) -> Json:
-    return {"$ref": SCHEMAS + name}
-
-
-def _nullable(schema: Json) -> Json:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-_TIME = {"type": "string", "format": "date-time"}
-_TEXT = {"type": "string"}
-_INTEGER = {"type": "integer"}
-
-# --- responses ---------------------------------------------------------------------------
-
-_ERROR_STATUSES = {
-    400: "Malformed JSON, query string or header (`error.code` says which).",
-    401: "Missing, malformed or unknown token.",
-    403: "The token lacks the scope, or the config forbids what the request asks for.",
-    404: "No such deployment, application or server.",
-    409: "The request conflicts with the deployment's state, or reuses an Idempotency-Key for another request.",
-    413: "The body is over `agent.max_body_bytes`.",
-    415: "A body that is not `application/json` (UTF-8).",
-    422: "A well-formed request that fails validation: `error.details` lists each bad field and what is wrong.",
-    429: "The queue is full (`agent.max_queued`), or too many log followers; retry after `Retry-After`.",
-    503: "The agent cannot serve: shutting down, Docker unreachable, or the disk full; retry after `Retry-After`.",
-}
-_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": _INTEGER}}
-_ETAG = {"ETag": {"description": "Changes whenever anything in the answer would.", "schema": _TEXT}}
-
-
-def _error_responses(*statuses: int, public: bool = False) -> Json:
-    """The errors of an operation: those of every authenticated request, and `statuses`."""
-    responses: Json = {}
-    for status in sorted({503, *statuses} if public else {400, 401, 403, 503, *statuses}):
-        response: Json = {
-            "description": _ERROR_STATUSES[status],
-            "content": {"application/json": {"schema": _ref("Error")}},
-        }
-        if status in (429, 503):
-            response["headers"] = _RETRY_AFTER
-        responses[str(status)] = response
-    return responses
-
-
-def _json(description: str, schema: Json, headers: Json | None = None) -> Json:
-    response: Json = {"description": description, "content": {"application/json": {"schema": schema}}}
-    if headers:
-        response["headers"] = headers
-    return response
-
-
 # Where a new deployment's id leads (OpenAPI links: clients and fuzzers can follow them).
 _DEPLOYMENT_LINKS = {
-    name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
-    for name, operation in (
+    name: {"operationId": operation_id, "parameters": {"id": "$response.body#/id"}}
+    for name, operation_id in (
         ("get", "getDeployment"),
         ("logs", "getDeploymentLogs"),
         ("kill", "killDeployment"),
@@ -93,25 +59,14 @@ _EXAMPLE_REQUEST = {
     "health_check": {"type": "http", "path": "/"},
     "metadata": {"commit": "abc123"},
 }
-_LOCATION = {"Location": {"description": "The path of the deployment.", "schema": _TEXT}}
-_NOT_MODIFIED = {"description": "The client's If-None-Match tag is current: no body.", "headers": _ETAG}
-
-# --- parameters ----------------------------------------------------------------------------
-
-
-def _path(name: str, description: str) -> Json:
-    return {"name": name, "in": "path", "required": True, "description": description, "schema": _TEXT}
-
-
-def _query(name: str, description: str, schema: Json) -> Json:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
-
+_LOCATION = {"Location": {"description": "The path of the deployment.", "schema": TEXT}}
+_NOT_MODIFIED = {"description": "The client's If-None-Match tag is current: no body.", "headers": ETAG}
 
 _PARAMETERS: Json = {
-    "DeploymentId": _path("id", "A deployment id (`dep_...`)."),
-    "ApplicationName": _path("name", "An application name."),
-    "ServerName": _path("name", "A server name from `[servers.*]`."),
-    "Wait": _query(
+    "DeploymentId": path_parameter("id", "A deployment id (`dep_...`)."),
+    "ApplicationName": path_parameter("name", "An application name."),
+    "ServerName": path_parameter("name", "A server name from `[servers.*]`."),
+    "Wait": query_parameter(
         "wait",
         "Long poll: where the answer would be a 304 or an empty `data`, hold the request up to this many "
         "seconds until that changes.",
@@ -122,7 +77,7 @@ _PARAMETERS: Json = {
         "in": "header",
         "required": False,
         "description": "An ETag from an earlier answer: 304 while it is still current.",
-        "schema": _TEXT,
+        "schema": TEXT,
     },
     "IdempotencyKey": {
         "name": "Idempotency-Key",
@@ -135,17 +90,14 @@ _PARAMETERS: Json = {
 }
 
 
-def _param(name: str) -> Json:
-    return {"$ref": "#/components/parameters/" + name}
-
-
 _LIST_QUERY = [
-    _query("application", "Only this application's deployments.", _TEXT),
-    _query("server", "Only deployments on this server.", _TEXT),
-    _query("status", "Only deployments in this status.", {"type": "string", "enum": list(STATUSES)}),
-    _query("updated_since", "Only deployments updated at or after this RFC 3339 time.", _TIME),
-    _query("limit", "Page size.", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": DEFAULT_LIST_LIMIT}),
-    _query("cursor", "The `next_cursor` of the page before.", _TEXT),
+    query_parameter("application", "Only this application's deployments.", TEXT),
+    query_parameter("server", "Only deployments on this server.", TEXT),
+    query_parameter("status", "Only deployments in this status.", {"type": "string", "enum": list(STATUSES)}),
+    query_parameter("updated_since", "Only deployments updated at or after this RFC 3339 time.", TIME),
+    query_parameter("limit", "Page size.", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": DEFAULT_LIST_LIMIT}),
+    query_parameter("cursor", "The `next_cursor` of the page before.", TEXT),
+    query_parameter("schedule_id", "Only the runs of this schedule.", TEXT),
     {
         "name": "metadata",
         "in": "query",
@@ -157,121 +109,120 @@ _LIST_QUERY = [
     },
 ]
 _LOG_QUERY = [
-    _query("follow", "Keep the response open and stream new lines until the deployment is final.", {"type": "boolean"}),
-    _query("tail", "Only the last N lines.", {"type": "integer", "minimum": 0}),
-    _query("offset", "From this byte on (not with `tail`).", {"type": "integer", "minimum": 0}),
+    query_parameter("follow", "Keep the response open and stream new lines until the deployment is final.", {"type": "boolean"}),
+    query_parameter("tail", "Only the last N lines.", {"type": "integer", "minimum": 0}),
+    query_parameter("offset", "From this byte on (not with `tail`).", {"type": "integer", "minimum": 0}),
 ]
 
 # --- schemas -------------------------------------------------------------------------------
 
 
-def _object(properties: Json, required: list[str] | None = None, *, extra: bool = True, description: str = "") -> Json:
-    schema: Json = {"type": "object", "properties": properties, "additionalProperties": extra}
-    if required:
-        schema["required"] = required
-    if description:
-        schema["description"] = description
-    return schema
-
-
 def _response_schemas() -> Json:
-    deployment = _object(
+    deployment = object_schema(
         {
             "id": {"type": "string", "pattern": "^dep_"},
-            "application": _TEXT,
-            "server": _TEXT,
+            "application": TEXT,
+            "server": TEXT,
             "status": {"type": "string", "enum": list(STATUSES)},
-            "created_at": _TIME,
-            "started_at": _nullable(_TIME),
-            "finished_at": _nullable(_TIME),
-            "updated_at": _TIME,
-            "pid": _nullable(_INTEGER),
-            "container_id": _nullable(_TEXT),
-            "log_path": _TEXT,
-            "exit_code": _nullable(_INTEGER),
-            "url": _nullable(_TEXT),
-            "smoke_test": _nullable(_ref("SmokeTest")),
-            "rollback_of": _nullable(_TEXT),
-            "error": _nullable(_object({"type": _ref("ErrorType"), "message": _TEXT}, ["type", "message"])),
+            "created_at": TIME,
+            "started_at": nullable(TIME),
+            "finished_at": nullable(TIME),
+            "updated_at": TIME,
+            "pid": nullable(INTEGER),
+            "container_id": nullable(TEXT),
+            "log_path": TEXT,
+            "exit_code": nullable(INTEGER),
+            "url": nullable(TEXT),
+            "smoke_test": nullable(ref("SmokeTest")),
+            "rollback_of": nullable(TEXT),
+            "schedule_id": nullable(TEXT),
+            "retry_of": nullable(TEXT),
+            "schedule_run": nullable(object_schema({
+                "reason": {"type": "string", "enum": ["schedule", "missed", "manual", "retry"]},
+                "attempt": INTEGER,
+                "scheduled_for": nullable(TIME),
+                "timeout_s": nullable({"type": "number"}),
+            })),
+            "error": nullable(object_schema({"type": ref("ErrorType"), "message": TEXT}, ["type", "message"])),
             "metadata": {"type": "object"},
-            "stage": _nullable(_TEXT),
-            "callbacks": _nullable(_ref("CallbackDelivery")),
+            "stage": nullable(TEXT),
+            "callbacks": nullable(ref("CallbackDelivery")),
             "spec": {"type": "object", "description": "The request as accepted, env values shown as `***`."},
         },
         ["id", "application", "server", "status", "created_at", "started_at", "finished_at", "updated_at", "pid",
          "container_id", "log_path", "exit_code", "url", "smoke_test", "rollback_of", "error", "metadata"],
         description="A deployment; more fields may appear.",
     )
-    application = _object(
+    application = object_schema(
         {
-            "name": _TEXT,
-            "current_deployment_id": _nullable(_TEXT),
+            "name": TEXT,
+            "current_deployment_id": nullable(TEXT),
             "state": {"type": "string", "enum": ["running", "stopped"]},
-            "url": _nullable(_TEXT),
-            "since": _nullable(_TIME),
-            "runtime": _nullable(_TEXT),
-            "container_id": _nullable(_TEXT),
-            "pid": _nullable(_INTEGER),
-            "updated_at": _nullable(_TIME),
+            "url": nullable(TEXT),
+            "since": nullable(TIME),
+            "runtime": nullable(TEXT),
+            "container_id": nullable(TEXT),
+            "pid": nullable(INTEGER),
+            "updated_at": nullable(TIME),
         },
         ["name", "current_deployment_id", "state", "url", "since"],
     )
-    server = _object(
+    server = object_schema(
         {
-            "name": _TEXT,
-            "host": _TEXT,
-            "port": _INTEGER,
+            "name": TEXT,
+            "host": TEXT,
+            "port": INTEGER,
             "reachable": {"type": "boolean"},
-            "latency_ms": _nullable({"type": "number"}),
-            "docker_version": _nullable(_TEXT),
-            "error": _nullable(_TEXT),
+            "latency_ms": nullable({"type": "number"}),
+            "docker_version": nullable(TEXT),
+            "error": nullable(TEXT),
         },
         ["name", "host", "reachable"],
     )
     return {
         "Deployment": deployment,
-        "DeploymentPage": _object(
-            {"data": {"type": "array", "items": _ref("Deployment")}, "next_cursor": _nullable(_TEXT)},
+        "DeploymentPage": object_schema(
+            {"data": {"type": "array", "items": ref("Deployment")}, "next_cursor": nullable(TEXT)},
             ["data", "next_cursor"],
         ),
-        "MetadataPatch": _object({"metadata": {"type": "object"}}, ["metadata"], extra=False),
-        "SmokeTest": _object(
+        "MetadataPatch": object_schema({"metadata": {"type": "object"}}, ["metadata"], extra=False),
+        "SmokeTest": object_schema(
             {
                 "passed": {"type": "boolean"},
-                "url": _nullable(_TEXT),
-                "errors": {"type": "array", "items": _TEXT},
-                "duration_ms": _INTEGER,
-                "tested_at": _TIME,
+                "url": nullable(TEXT),
+                "errors": {"type": "array", "items": TEXT},
+                "duration_ms": INTEGER,
+                "tested_at": TIME,
             },
             ["passed", "errors"],
         ),
-        "CallbackDelivery": _object(
+        "CallbackDelivery": object_schema(
             {
                 "state": {"type": "string", "enum": ["delivered", "pending", "failing", "failed"]},
-                "delivered": _INTEGER,
-                "pending": _INTEGER,
-                "failed": _INTEGER,
-                "attempts": _INTEGER,
-                "last_error": _nullable(_TEXT),
-                "last_attempt_at": _nullable(_TIME),
+                "delivered": INTEGER,
+                "pending": INTEGER,
+                "failed": INTEGER,
+                "attempts": INTEGER,
+                "last_error": nullable(TEXT),
+                "last_attempt_at": nullable(TIME),
             },
             ["state"],
         ),
         "Application": application,
-        "ApplicationList": _object({"data": {"type": "array", "items": _ref("Application")}}, ["data"]),
+        "ApplicationList": object_schema({"data": {"type": "array", "items": ref("Application")}}, ["data"]),
         "Server": server,
-        "ServerList": _object({"data": {"type": "array", "items": _ref("Server")}}, ["data"]),
-        "Health": _object({"status": {"type": "string", "const": "ok"}}, ["status"]),
+        "ServerList": object_schema({"data": {"type": "array", "items": ref("Server")}}, ["data"]),
+        "Health": object_schema({"status": {"type": "string", "const": "ok"}}, ["status"]),
         "ErrorType": {"type": "string", "enum": list(get_args(ErrorType))},
-        "Error": _object(
+        "Error": object_schema(
             {
                 "success": {"type": "boolean", "const": False},
                 "status": {"type": "integer", "minimum": 400, "maximum": 599},
-                "error": _object(
+                "error": object_schema(
                     {
-                        "type": _ref("ErrorType"),
-                        "message": _TEXT,
-                        "code": _nullable(_TEXT),
+                        "type": ref("ErrorType"),
+                        "message": TEXT,
+                        "code": nullable(TEXT),
                         "details": {"description": "null, an object, or (422) a list of `{field, message}`."},
                     },
                     ["type", "message", "code", "details"],
@@ -296,131 +247,115 @@ def _request_schemas() -> Json:
 # --- paths ---------------------------------------------------------------------------------
 
 
-def _operation(summary: str, scope: str | None, responses: Json, **more: Any) -> Json:
-    operation: Json = {"summary": summary, "responses": responses, **more}
-    if scope is None:
-        operation["security"] = []
-    else:
-        operation["description"] = f"Needs the scope `{scope}` (or `admin`). " + operation.get("description", "")
-    return operation
-
-
-def _body(schema: Json, example: Json | None = None) -> Json:
-    media: Json = {"schema": schema} if example is None else {"schema": schema, "example": example}
-    return {"required": True, "content": {"application/json": media}}
-
-
-READ, WRITE = "deployments:read", "deployments:write"
-
 
 def _paths() -> Json:
-    deployment = _ref("Deployment")
-    application = _ref("Application")
+    deployment = ref("Deployment")
+    application = ref("Application")
     created = {
-        "201": {**_json("Created.", deployment, _LOCATION), "links": _DEPLOYMENT_LINKS},
-        "200": _json("An Idempotency-Key repeated an earlier request: the object it made.", deployment, _LOCATION),
+        "201": {**json_answer("Created.", deployment, _LOCATION), "links": _DEPLOYMENT_LINKS},
+        "200": json_answer("An Idempotency-Key repeated an earlier request: the object it made.", deployment, _LOCATION),
     }
     return {
         "/v1/deployments": {
-            "post": _operation(
+            "post": operation(
                 "Submit a deployment",
                 WRITE,
-                {**created, **_error_responses(409, 413, 415, 422, 429)},
+                {**created, **error_responses(409, 413, 415, 422, 429)},
                 operationId="submitDeployment",
-                parameters=[_param("IdempotencyKey")],
-                requestBody=_body(_ref("DeploymentRequest"), example=_EXAMPLE_REQUEST),
+                parameters=[parameter("IdempotencyKey")],
+                requestBody=json_body(ref("DeploymentRequest"), example=_EXAMPLE_REQUEST),
             ),
-            "get": _operation(
+            "get": operation(
                 "List deployments, newest first",
                 READ,
-                {"200": _json("A page.", _ref("DeploymentPage"), _ETAG), "304": _NOT_MODIFIED, **_error_responses()},
+                {"200": json_answer("A page.", ref("DeploymentPage"), ETAG), "304": _NOT_MODIFIED, **error_responses()},
                 operationId="listDeployments",
-                parameters=[*_LIST_QUERY, _param("Wait"), _param("IfNoneMatch")],
+                parameters=[*_LIST_QUERY, parameter("Wait"), parameter("IfNoneMatch")],
             ),
         },
         "/v1/deployments/{id}": {
-            "parameters": [_param("DeploymentId")],
-            "get": _operation(
+            "parameters": [parameter("DeploymentId")],
+            "get": operation(
                 "Get a deployment",
                 READ,
-                {"200": _json("The deployment.", deployment, _ETAG), "304": _NOT_MODIFIED, **_error_responses(404)},
+                {"200": json_answer("The deployment.", deployment, ETAG), "304": _NOT_MODIFIED, **error_responses(404)},
                 operationId="getDeployment",
-                parameters=[_param("Wait"), _param("IfNoneMatch")],
+                parameters=[parameter("Wait"), parameter("IfNoneMatch")],
             ),
-            "patch": _operation(
+            "patch": operation(
                 "Replace a deployment's metadata",
                 WRITE,
-                {"200": _json("The deployment.", deployment), **_error_responses(404, 413, 415, 422)},
+                {"200": json_answer("The deployment.", deployment), **error_responses(404, 413, 415, 422)},
                 operationId="patchDeployment",
-                requestBody=_body(_ref("MetadataPatch")),
+                requestBody=json_body(ref("MetadataPatch")),
             ),
-            "delete": _operation(
+            "delete": operation(
                 "Delete a final deployment's record and log",
                 WRITE,
-                {"204": {"description": "Deleted."}, **_error_responses(404, 409, 413, 415)},
+                {"204": {"description": "Deleted."}, **error_responses(404, 409, 413, 415)},
                 operationId="deleteDeployment",
             ),
         },
         "/v1/deployments/{id}/logs": {
-            "parameters": [_param("DeploymentId")],
-            "get": _operation(
+            "parameters": [parameter("DeploymentId")],
+            "get": operation(
                 "Read or follow a deployment's log",
                 READ,
                 {
                     "200": {
                         "description": "The log as text; with `follow`, streamed until the deployment is final.",
-                        "headers": {"X-Log-Offset": {"description": "The byte offset to resume from.", "schema": _INTEGER}},
-                        "content": {"text/plain": {"schema": _TEXT}},
+                        "headers": {"X-Log-Offset": {"description": "The byte offset to resume from.", "schema": INTEGER}},
+                        "content": {"text/plain": {"schema": TEXT}},
                     },
-                    **_error_responses(404, 429),
+                    **error_responses(404, 429),
                 },
                 operationId="getDeploymentLogs",
                 parameters=_LOG_QUERY,
             ),
         },
         "/v1/deployments/{id}/kill": {
-            "parameters": [_param("DeploymentId")],
-            "post": _operation(
+            "parameters": [parameter("DeploymentId")],
+            "post": operation(
                 "Kill a deployment (it ends cancelled)",
                 WRITE,
-                {"202": _json("The deployment after the kill.", deployment), **_error_responses(404, 409, 413, 415)},
+                {"202": json_answer("The deployment after the kill.", deployment), **error_responses(404, 409, 413, 415)},
                 operationId="killDeployment",
             ),
         },
         "/v1/deployments/{id}/rollback": {
-            "parameters": [_param("DeploymentId")],
-            "post": _operation(
+            "parameters": [parameter("DeploymentId")],
+            "post": operation(
                 "Bring back the release of an earlier deployment",
                 WRITE,
-                {**created, **_error_responses(404, 409, 413, 415, 429)},
+                {**created, **error_responses(404, 409, 413, 415, 429)},
                 operationId="rollbackDeployment",
-                parameters=[_param("IdempotencyKey")],
+                parameters=[parameter("IdempotencyKey")],
             ),
         },
         "/v1/applications": {
-            "get": _operation(
+            "get": operation(
                 "List applications with a release",
                 READ,
-                {"200": _json("Every application.", _ref("ApplicationList")), **_error_responses()},
+                {"200": json_answer("Every application.", ref("ApplicationList")), **error_responses()},
                 operationId="listApplications",
             ),
         },
         "/v1/applications/{name}": {
-            "parameters": [_param("ApplicationName")],
-            "get": _operation(
+            "parameters": [parameter("ApplicationName")],
+            "get": operation(
                 "Get an application's current release",
                 READ,
-                {"200": _json("The application.", application), **_error_responses(404)},
+                {"200": json_answer("The application.", application), **error_responses(404)},
                 operationId="getApplication",
             ),
         },
         **{
             f"/v1/applications/{{name}}/{action}": {
-                "parameters": [_param("ApplicationName")],
-                "post": _operation(
+                "parameters": [parameter("ApplicationName")],
+                "post": operation(
                     summary,
                     WRITE,
-                    {"202": _json("The application.", application), **_error_responses(404, 409, 413, 415)},
+                    {"202": json_answer("The application.", application), **error_responses(404, 409, 413, 415)},
                     operationId=f"{action}Application",
                 ),
             }
@@ -430,45 +365,45 @@ def _paths() -> Json:
             )
         },
         "/v1/servers": {
-            "get": _operation(
+            "get": operation(
                 "List remote servers, each probed",
                 READ,
-                {"200": _json("Every server.", _ref("ServerList")), **_error_responses()},
+                {"200": json_answer("Every server.", ref("ServerList")), **error_responses()},
                 operationId="listServers",
             ),
         },
         "/v1/servers/{name}": {
-            "parameters": [_param("ServerName")],
-            "get": _operation(
+            "parameters": [parameter("ServerName")],
+            "get": operation(
                 "Probe one server",
                 READ,
-                {"200": _json("The server.", _ref("Server")), **_error_responses(404)},
+                {"200": json_answer("The server.", ref("Server")), **error_responses(404)},
                 operationId="checkServer",
             ),
         },
         "/v1/openapi.json": {
-            "get": _operation(
+            "get": operation(
                 "This document",
                 None,
-                {"200": _json("OpenAPI 3.1.", {"type": "object"})},
+                {"200": json_answer("OpenAPI 3.1.", {"type": "object"})},
                 operationId="getOpenApi",
             ),
         },
         "/healthz": {
-            "get": _operation(
+            "get": operation(
                 "Whether the agent can serve; details with a token of any scope",
                 None,
-                {"200": _json("It can.", _ref("Health")), **_error_responses(public=True)},
+                {"200": json_answer("It can.", ref("Health")), **error_responses(public=True)},
                 operationId="getHealth",
             ),
         },
         "/metrics": {
-            "get": _operation(
+            "get": operation(
                 "Prometheus metrics",
                 READ,
                 {
-                    "200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": _TEXT}}},
-                    **_error_responses(),
+                    "200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": TEXT}}},
+                    **error_responses(),
                 },
                 operationId="getMetrics",
             ),
@@ -479,6 +414,7 @@ def _paths() -> Json:
 @cache
 def openapi_document() -> bytes:
     """The document as JSON bytes, built once: it depends on nothing but the code."""
+    requests = _request_schemas()
     document = {
         "openapi": "3.1.0",
         "info": {
@@ -489,10 +425,10 @@ def openapi_document() -> bytes:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": {**_paths(), **openapi_schedules.paths(_LIST_QUERY, _DEPLOYMENT_LINKS)},
         "components": {
-            "schemas": {**_request_schemas(), **_response_schemas()},
-            "parameters": _PARAMETERS,
+            "schemas": {**requests, **_response_schemas(), **openapi_schedules.schemas(requests["DeploymentRequest"])},
+            "parameters": {**_PARAMETERS, **openapi_schedules.PARAMETERS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -14,6 +14,7 @@ from multidict import MultiDict, MultiMapping
 
 from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from agent.api.cursor import decode_cursor
+from agent.schedule_models import ScheduleFilter
 from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, format_time, parse_metadata, parse_time
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -199,7 +200,7 @@ def parse_boolean(name: str, text: str) -> bool:
     raise BadRequest(f"query parameter {name} must be true, false, 1 or 0, got {text[:40]!r}", code="bad_query")
 
 
-LIST_PARAMETERS = ("application", "server", "status", "updated_since", "limit", "cursor", "wait")
+LIST_PARAMETERS = ("application", "server", "status", "updated_since", "limit", "cursor", "wait", "schedule_id")
 METADATA_PREFIX = "metadata."
 # `?wait=S`: how long a long poll may be held, in seconds.
 MAX_WAIT_S = 60.0
@@ -229,6 +230,21 @@ def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
                 f"got {updated_since[:64]!r}{hint}",
                 code="bad_query",
             ) from None
+    limit, after_seq = parse_page(values)
+    return DeploymentFilter(
+        application=values.get("application"),
+        server=values.get("server"),
+        status=status,
+        updated_since=updated_since,
+        limit=limit,
+        after_seq=after_seq,
+        metadata=metadata,
+        schedule_id=values.get("schedule_id"),
+    )
+
+
+def parse_page(values: dict[str, str]) -> tuple[int, int | None]:
+    """`limit` and `cursor` of a list: the page size and the seq to continue below."""
     limit = DEFAULT_LIST_LIMIT
     if "limit" in values:
         limit = parse_integer("limit", values["limit"], minimum=1, maximum=MAX_LIST_LIMIT)
@@ -238,15 +254,23 @@ def parse_list_query(query: MultiMapping[str]) -> DeploymentFilter:
             after_seq = decode_cursor(values["cursor"])
         except ValueError:
             raise BadRequest("query parameter cursor is not a cursor this agent handed out", code="bad_query") from None
-    return DeploymentFilter(
-        application=values.get("application"),
-        server=values.get("server"),
-        status=status,
-        updated_since=updated_since,
-        limit=limit,
-        after_seq=after_seq,
-        metadata=metadata,
-    )
+    return limit, after_seq
+
+
+SCHEDULE_STATUSES = ("active", "paused", "archived")
+
+
+def parse_schedule_query(query: MultiMapping[str]) -> ScheduleFilter:
+    """The filters of `GET /v1/schedules`: `status=archived` lists the archived ones, which are otherwise left out."""
+    values = single_values(query, ("application", "status", "limit", "cursor"))
+    status = values.get("status")
+    if status is not None and status not in SCHEDULE_STATUSES:
+        raise BadRequest(
+            f"query parameter status must be one of {', '.join(SCHEDULE_STATUSES)}, got {status[:40]!r}",
+            code="bad_query",
+        )
+    limit, after_seq = parse_page(values)
+    return ScheduleFilter(application=values.get("application"), status=status, limit=limit, after_seq=after_seq)
 
 
 def parse_metadata_patch(body: Any) -> dict[str, Any]:

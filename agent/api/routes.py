@@ -11,14 +11,14 @@ from aiohttp import web
 
 from agent.api.auth import READ_SCOPE, WRITE_SCOPE, optional_token, requires
 from agent.api.context import TOKEN_SCOPES, engine_of
+from agent.api.intake import accept_request
 from agent.api.log_stream import get_logs
 from agent.api.openapi import openapi_document
 from agent.api.params import idempotency_key, parse_metadata_patch, read_json, refuse_body, request_hash
 from agent.api.polling import answer_deployment, answer_list
-from agent.config import Config
+from agent.api.schedule_routes import add_schedule_routes
 from agent.errors import Unavailable
 from agent.metrics import CONTENT_TYPE_LATEST
-from agent.models import DeploymentSpec, check_source_directory, parse_deployment_request
 from agent.policy import authorize_spec
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/openapi.json", get_openapi, allow_head=False)
     router.add_get("/healthz", healthz)
     router.add_get("/metrics", metrics, allow_head=False)
+    add_schedule_routes(router)
 
 
 @requires(WRITE_SCOPE)
@@ -64,26 +65,6 @@ async def submit_deployment(request: web.Request) -> web.Response:
         status=201 if created else 200,
         headers={"Location": f"/v1/deployments/{deployment.id}"},
     )
-
-
-def accept_request(body: object, config: Config, servers: frozenset[str], scopes: frozenset[str]) -> DeploymentSpec:
-    """The validated spec of a submit (422), if the config and the token's scopes allow it (403).
-
-    The source directory is looked at only once policy allows its path, so that a 422 cannot
-    tell a caller what exists outside `security.source_roots`.
-    """
-    spec = parse_deployment_request(
-        body,
-        servers=servers,
-        default_build_timeout_s=config.agent.default_build_timeout_s,
-        bind_addresses=config.docker.bind_addresses,
-        check_source=False,
-        callbacks_enabled=config.callbacks is not None,
-        default_callback_url=config.callbacks.url if config.callbacks else None,
-    )
-    authorize_spec(spec, config, scopes)
-    check_source_directory(spec)
-    return spec
 
 
 @requires(READ_SCOPE)

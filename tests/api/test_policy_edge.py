@@ -255,7 +255,7 @@ async def test_the_scopes_reach_the_policy_unchanged(
 ) -> None:
     """authorize_spec gets the validated spec, the engine's config and the token's scopes."""
     calls: list[tuple[DeploymentSpec, Any, frozenset[str]]] = []
-    monkeypatch.setattr("agent.api.routes.authorize_spec", lambda *args: calls.append(args))
+    monkeypatch.setattr("agent.api.intake.authorize_spec", lambda *args: calls.append(args))
     assert (await submit(client, {"application": "web"}, PROCESSES)).status == 201
     assert calls == [(engine.submissions[0][0], engine.config, frozenset({"deployments:write", "processes:write"}))]
 
