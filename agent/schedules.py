@@ -219,7 +219,7 @@ class Schedules:
         after_downtime = True
         while True:
             try:
-                await self._fire(after_downtime)
+                await self.fire_due(after_downtime=after_downtime)
                 after_downtime = False
                 delay = await self._until_next_due()
             except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (a full disk, say)
@@ -230,7 +230,8 @@ class Schedules:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), delay)
 
-    async def _fire(self, after_downtime: bool) -> None:
+    async def fire_due(self, *, after_downtime: bool = False) -> None:
+        """Fires what is due now (with `after_downtime`, what fell before now follows `missed`), and due retries."""
         now = self._clock()
         max_queued = self._config().agent.max_queued
         while True:
