@@ -22,7 +22,14 @@ from agent.api.intake import accept_request
 from agent.config import Config
 from agent.errors import BadRequest, ValidationFailed
 from agent.schedule_models import Schedule
-from agent.schedule_specs import parse_schedule_patch, parse_schedule_request, template_problems, timing_dict
+from agent.schedule_specs import (
+    ScheduleRequest,
+    parse_schedule_patch,
+    parse_schedule_request,
+    template_problems,
+    timing_dict,
+)
+from agent.specs import is_application_name
 
 
 def add_schedule_routes(router: web.UrlDispatcher) -> None:
@@ -54,6 +61,31 @@ def accept_template(
     return stored
 
 
+def accept_schedule(
+    body: Any, config: Config, servers: frozenset[str], scopes: frozenset[str]
+) -> tuple[ScheduleRequest, dict[str, Any]]:
+    """A create's body and its template, validated together: one 422 names every bad field of both."""
+    problems: list[dict[str, Any]] = []
+    parsed: ScheduleRequest | None = None
+    try:
+        parsed = parse_schedule_request(body)
+    except ValidationFailed as failure:
+        problems = list(failure.problems)
+    given = body.get("template") if isinstance(body, dict) else None
+    template: dict[str, Any] = {}
+    if isinstance(given, dict):
+        application = parsed.application if parsed is not None else body.get("application")
+        try:
+            # With no valid application yet, the template is checked under a stand-in name.
+            template = accept_template(application if is_application_name(str(application)) else "template",
+                                       given, config, servers, scopes)
+        except ValidationFailed as failure:
+            problems += failure.problems
+    if problems or parsed is None:
+        raise ValidationFailed(problems)
+    return parsed, template
+
+
 def schedule_json(request: web.Request, schedule: Schedule) -> dict[str, Any]:
     return schedule.to_json(engine_of(request).schedules.now())
 
@@ -65,9 +97,8 @@ async def create_schedule(request: web.Request) -> web.Response:
     config = engine.config
     body = await read_json(request, config.agent.max_body_bytes)
     key = idempotency_key(request)
-    parsed = parse_schedule_request(body)
-    template = await asyncio.to_thread(
-        accept_template, parsed.application, parsed.template, config, engine.server_names(), request[TOKEN_SCOPES]
+    parsed, template = await asyncio.to_thread(
+        accept_schedule, body, config, engine.server_names(), request[TOKEN_SCOPES]
     )
     schedule, created = await engine.schedules.create(
         parsed, template, idempotency_key=key, request_hash=request_hash(body)
