@@ -149,6 +149,35 @@ class AgentClient:
         """POST /v1/applications/{name}/start; returns the application, now running."""
         return self._json("POST", _application_path(name, "start"))
 
+    def schedules(self, **filters: Any) -> dict[str, Any]:
+        """GET /v1/schedules with filters application, status, limit, cursor."""
+        return self._json("GET", "/v1/schedules", query=filters)
+
+    def schedule(self, schedule_id: str) -> dict[str, Any]:
+        """GET /v1/schedules/{id}."""
+        return self._json("GET", _schedule_path(schedule_id))
+
+    def create_schedule(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/schedules; returns the created (or, for a repeated key, the earlier) schedule."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/v1/schedules", body=body, headers=headers)
+
+    def update_schedule(self, schedule_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """PATCH /v1/schedules/{id}: replaces what `changes` names (config members are merged)."""
+        return self._json("PATCH", _schedule_path(schedule_id), body=changes)
+
+    def schedule_action(self, schedule_id: str, action: str) -> dict[str, Any]:
+        """POST /v1/schedules/{id}/{pause,resume,trigger}: the schedule (the run's deployment for trigger)."""
+        return self._json("POST", _schedule_path(schedule_id, action))
+
+    def schedule_runs(self, schedule_id: str, **filters: Any) -> dict[str, Any]:
+        """GET /v1/schedules/{id}/runs: a page of its runs, newest first."""
+        return self._json("GET", _schedule_path(schedule_id, "runs"), query=filters)
+
+    def archive_schedule(self, schedule_id: str) -> None:
+        """DELETE /v1/schedules/{id}: no more runs; it and its runs are kept."""
+        self._call("DELETE", _schedule_path(schedule_id))
+
     def logs(self, deployment_id: str, tail: int | None = None, offset: int | None = None) -> bytes:
         """GET /v1/deployments/{id}/logs: the log so far, or its last `tail` lines, or from byte `offset`."""
         _, body = self._call("GET", _deployment_path(deployment_id, "logs"), query={"tail": tail, "offset": offset})
@@ -261,6 +290,11 @@ class AgentClient:
 
 def _deployment_path(deployment_id: str, action: str | None = None) -> str:
     path = "/v1/deployments/" + quote(deployment_id, safe="")
+    return f"{path}/{action}" if action else path
+
+
+def _schedule_path(schedule_id: str, action: str | None = None) -> str:
+    path = "/v1/schedules/" + quote(schedule_id, safe="")
     return f"{path}/{action}" if action else path
 
 

@@ -7,8 +7,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from agent.cli import schedule_commands
 from agent.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, exit_code_of
 from agent.cli.output import (
     application_line, print_config_problems, print_list, print_record, print_verdict, stream, summary, text,
@@ -185,6 +186,18 @@ def check_health(args: argparse.Namespace) -> int:
     answer = _client(args).health()
     print(to_json(answer) if args.json else text(answer.get("status")))
     return EXIT_OK
+
+
+def schedules_help(args: argparse.Namespace) -> int:
+    """`schedules` alone: names its verbs."""
+    raise UsageError("schedules needs a verb: ls, show, add, edit, pause, resume, trigger, runs or rm")
+
+
+def _schedule_handler(verb: Callable[[argparse.Namespace, AgentClient], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: verb(args, _client(args))
+
+
+SCHEDULE_HANDLERS = {name: _schedule_handler(verb) for name, verb in schedule_commands.HANDLERS.items()}
 
 
 # --- helpers -----------------------------------------------------------------------------------

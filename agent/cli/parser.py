@@ -6,7 +6,7 @@ import argparse
 from typing import Any, Callable, Sequence
 
 from agent import __version__
-from agent.cli import commands
+from agent.cli import commands, schedule_commands
 from agent.cli.completion import print_completion
 from agent.client import DEFAULT_URL
 
@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument("action", metavar="check", nargs="?", choices=["check"], help="test one server")
     servers.add_argument("name", metavar="NAME", nargs="?", help="the server to test")
 
+    schedules = _add(
+        subcommands, "schedules", commands.schedules_help, "schedules: ls, show, add, edit, pause, resume, trigger, runs, rm",
+        [connection],
+    )
+    schedule_commands.add_arguments(schedules, [connection, json_output], commands.SCHEDULE_HANDLERS)
     _add(subcommands, "health", commands.check_health, "ask whether the agent can serve", [connection, json_output])
     completion = _add(
         subcommands, "completion", print_completion,

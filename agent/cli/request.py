@@ -24,18 +24,18 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         "--app": args.app, **build_flags, "--source-path": args.source_path, "--server": args.server,
         **run_flags, **health_flags,
     }
-    given = [name for name, value in flags.items() if _given(value)]
+    given = [name for name, value in flags.items() if was_given(value)]
     if args.file is not None:
         if given:
             raise UsageError(f"give FILE or flags, not both (got FILE and {', '.join(given)})")
-        return _read_request_file(args.file)
-    has_build = any(_given(value) for value in build_flags.values())
-    has_run = any(_given(value) for value in run_flags.values())
+        return read_request_file(args.file)
+    has_build = any(was_given(value) for value in build_flags.values())
+    has_run = any(was_given(value) for value in run_flags.values())
     # Without a run the request is a one-off job, so it needs a build; with a run the build is optional.
     required = ("--app", "--image", "--command") if has_build or not has_run else ("--app",)
     missing = [name for name in required if flags[name] is None]
     if missing and has_run and "--app" not in missing:
-        partial = [name for name, value in build_flags.items() if _given(value)]
+        partial = [name for name, value in build_flags.items() if was_given(value)]
         raise UsageError(f"a build needs --image and --command (got {', '.join(partial)})")
     if missing:
         raise UsageError(f"without FILE, {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
@@ -49,13 +49,13 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     if has_build:
         build: dict[str, Any] = {"image": args.image, "command": args.command}
         if args.env:
-            build["env"] = dict(_parse_env(item, "--env") for item in args.env)
+            build["env"] = dict(parse_env(item, "--env") for item in args.env)
         if args.timeout is not None:
             build["timeout_s"] = args.timeout
         body["build"] = build
     if has_run:
         body["run"] = _run_object(args, has_build=has_build)
-    health_flag = next((name for name, value in health_flags.items() if _given(value)), None)
+    health_flag = next((name for name, value in health_flags.items() if was_given(value)), None)
     if health_flag is not None:
         if not has_run:
             raise UsageError(f"{health_flag} checks a release: give --run-command, --run-image or --port too")
@@ -82,16 +82,16 @@ def _run_object(args: argparse.Namespace, *, has_build: bool) -> dict[str, Any]:
     if args.host_port is not None:
         run["host_port"] = args.host_port
     if args.run_env:
-        run["env"] = dict(_parse_env(item, "--run-env") for item in args.run_env)
+        run["env"] = dict(parse_env(item, "--run-env") for item in args.run_env)
     return run
 
 
-def _given(value: Any) -> bool:
+def was_given(value: Any) -> bool:
     """Whether a flag was given: not its default None, [] (repeatable) or False (switch); 0 counts."""
     return not (value is None or value is False or value == [])
 
 
-def _read_request_file(name: str) -> dict[str, Any]:
+def read_request_file(name: str) -> dict[str, Any]:
     try:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except OSError as exc:
@@ -101,11 +101,11 @@ def _read_request_file(name: str) -> dict[str, Any]:
     except ValueError as exc:
         raise UsageError(f"{name}: not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise UsageError(f"{name}: the deployment request must be a JSON object")
+        raise UsageError(f"{name}: the request must be a JSON object")
     return body
 
 
-def _parse_env(item: str, flag: str) -> tuple[str, str]:
+def parse_env(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise UsageError(f"{flag} {item!r}: expected KEY=VALUE")
