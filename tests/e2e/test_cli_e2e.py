@@ -118,3 +118,42 @@ def test_unix_socket_listener(agent_factory, tmp_path: Path) -> None:
     bound = [event for event in events if event.get("event") == "status changed"]
     assert bound and all(event["deployment_id"].startswith("dep_") for event in bound)
     assert ADMIN_TOKEN not in agent.output()
+
+
+def test_schedules_from_the_command_line(agent: AgentProcess) -> None:
+    """schedules add/ls/show/edit/pause/resume/trigger/runs/rm, as tables and as JSON."""
+    added = cli(agent.url, "schedules", "add", "--app", "clijobs", "--every", "3600", "--image", "local/busybox",
+                "--command", "echo from the schedule", "--max-retries", "1", "--timeout", "60", "--json")
+    assert added.returncode == 0, added.stderr
+    schedule = json.loads(added.stdout)
+    sid = schedule["id"]
+    assert schedule["config"]["max_retries"] == 1 and schedule["config"]["timeout_s"] == 60
+    listed = cli(agent.url, "schedules", "ls")
+    assert listed.returncode == 0 and sid in listed.stdout and "every 3600s" in listed.stdout
+    assert listed.stdout.splitlines()[0].split()[:4] == ["ID", "NAME", "APPLICATION", "SCHEDULE"]
+    edited = cli(agent.url, "schedules", "edit", sid, "--cron", "30 4 * * *", "--timezone", "Asia/Shanghai")
+    assert edited.returncode == 0 and "next: " in edited.stdout, edited.stderr
+    shown = json.loads(cli(agent.url, "schedules", "show", sid, "--json").stdout)
+    assert shown["schedule"] == {"type": "cron", "expression": "30 4 * * *", "timezone": "Asia/Shanghai"}
+    assert shown["upcoming_runs_at"][0].endswith("T20:30:00.000Z")  # 04:30 in Shanghai
+
+    paused = cli(agent.url, "schedules", "pause", sid)
+    assert paused.returncode == 0 and f"{sid} paused" in paused.stdout
+    triggered = cli(agent.url, "schedules", "trigger", sid)
+    assert triggered.returncode == 0, triggered.stderr
+    run_id = re.search(r"dep_[0-9a-z]+", triggered.stdout).group(0)
+    assert agent.wait_for(run_id)["status"] == "succeeded"
+    runs = cli(agent.url, "schedules", "runs", sid)
+    assert runs.returncode == 0 and run_id in runs.stdout and "manual" in runs.stdout
+    resumed = cli(agent.url, "schedules", "resume", sid)
+    assert resumed.returncode == 0 and f"{sid} active" in resumed.stdout
+    assert cli(agent.url, "schedules", "rm", sid).returncode == 0
+    archived = cli(agent.url, "schedules", "ls", "--status", "archived")
+    assert sid in archived.stdout and "archived" in archived.stdout
+    refused = cli(agent.url, "schedules", "pause", sid)
+    assert refused.returncode == 1 and "archived" in refused.stderr and "Traceback" not in refused.stderr
+    bad = cli(agent.url, "schedules", "add", "--app", "x", "--cron", "not cron", "--image", "local/busybox",
+              "--command", "true")
+    assert bad.returncode == 1 and "schedule.expression" in bad.stderr
+    usage = cli(agent.url, "schedules")
+    assert usage.returncode == 2 and "ls, show, add" in usage.stderr
