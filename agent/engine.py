@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,7 @@ class Engine:
             status="queued",
             created_at=now,
             updated_at=now,
-            log_path=str((self.config.logs_dir / f"{deployment_id}.log").resolve()),
+            log_path=os.path.join(_resolved(self.config.logs_dir), f"{deployment_id}.log"),
             spec=spec,
             **fields,
         )
@@ -490,6 +491,12 @@ async def _await_work_known(adopted: list[RunningDeployment]) -> None:
 
     if adopted:
         await asyncio.wait([asyncio.ensure_future(one(running)) for running in adopted], timeout=ADOPTION_WAIT_S)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved(directory: Path) -> str:
+    """The logs directory with its symlinks resolved, once: resolving costs a syscall per path component."""
+    return str(directory.resolve())
 
 
 def _unlink(path: Path) -> None:

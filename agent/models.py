@@ -78,7 +78,8 @@ def new_id(prefix: str) -> str:
     """`prefix` + 10 chars of milliseconds + 16 random chars: time-ordered and unguessable."""
     millis = int(time.time() * 1000)
     stamp = "".join(_CROCKFORD[(millis >> shift) & 31] for shift in range(45, -1, -5))
-    return prefix + stamp + "".join(secrets.choice(_CROCKFORD) for _ in range(16))
+    # 5 random bits per character (80 in all), from one call for all 16: secrets.choice is ten times slower.
+    return prefix + stamp + "".join(_CROCKFORD[byte & 31] for byte in secrets.token_bytes(16))
 
 
 # --- deployment record ---------------------------------------------------------------------

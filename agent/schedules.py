@@ -58,6 +58,7 @@ class Schedules:
         self._clock = clock
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._specs: dict[tuple[str, str], DeploymentSpec] = {}
         store.on_schedule_event = self._wakeup.set
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -213,6 +214,16 @@ class Schedules:
         self._wakeup.set()
         return changed
 
+    def _spec_of(self, schedule: Schedule) -> DeploymentSpec:
+        """The spec of its runs, one object per version of the schedule (its stored text is then made once)."""
+        key = (schedule.id, schedule.updated_at)
+        spec = self._specs.get(key)
+        if spec is None:
+            if len(self._specs) >= 4096:
+                self._specs.clear()
+            spec = self._specs[key] = DeploymentSpec.from_dict({**schedule.template, "application": schedule.application})
+        return spec
+
     # --- triggering ------------------------------------------------------------------------
 
     async def _trigger_forever(self) -> None:
@@ -258,7 +269,7 @@ class Schedules:
         self, schedule: Schedule, reason: str, scheduled_for: dt.datetime | None, attempt: int, retry_of: str | None
     ) -> Deployment:
         """The queued deployment of one run (on the store thread, inside the trigger's transaction)."""
-        spec = DeploymentSpec.from_dict({**schedule.template, "application": schedule.application})
+        spec = self._spec_of(schedule)
         return self._new_record(
             spec,
             schedule_id=schedule.id,

@@ -360,8 +360,8 @@ class Store:
                     run = make_run(schedule, trigger.reason, trigger.scheduled_for, 1, None)
                     self._insert_row(run, None, None)
                     stats = started(stats, run.id, run.created_at)
-                    runs.append(self._get(run.id))
-            schedule_rows.write(self._db, _advanced(schedule, trigger, stats))
+                    runs.append(run)
+            schedule_rows.write_progress(self._db, _advanced(schedule, trigger, stats))
         return runs
 
     def _fire_retries(self, now: dt.datetime, make_run: MakeRun, limit: int) -> list[Deployment]:
@@ -508,7 +508,8 @@ class Store:
         """Inside a transaction: the new deployment's row, and its first callback event."""
         values = [_encode(item.name, getattr(deployment, item.name)) for item in FIELDS]
         self._db.execute(_INSERT, (*values, idempotency_key, request_hash))
-        self._queue_callback(deployment.id)
+        if deployment.spec.callback is not None:
+            self._queue_callback(deployment.id)
         # Counted before the commit: a failed commit re-reads the counts (_recount) rather than undo this.
         self._count_move(None, deployment.status)
 
@@ -794,7 +795,7 @@ def _nothing() -> None:
 
 def _encode(name: str, value: Any) -> Any:
     if name == "spec":
-        return json.dumps(value.to_dict())
+        return _spec_text(value)
     return json.dumps(value) if name in JSON_COLUMNS and value is not None else value
 
 
@@ -804,6 +805,14 @@ def _decode(name: str, value: Any) -> Any:
     if name in JSON_COLUMNS:
         return json.loads(value) if value else None
     return value
+
+
+def _spec_text(spec: DeploymentSpec) -> str:
+    """The spec as stored, made once per spec object (specs are immutable; a schedule's runs share one)."""
+    text = spec.__dict__.get("_stored_text")
+    if text is None:
+        text = spec.__dict__["_stored_text"] = json.dumps(spec.to_dict())
+    return text
 
 
 @functools.lru_cache(maxsize=4096)
