@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from agent.config import Config
-from agent.errors import Conflict
+from agent.errors import AgentError, Conflict
 from agent.models import Deployment, DeploymentFilter, DeploymentSpec, format_time, new_id, parse_time
 from agent.schedule_models import Schedule, ScheduleFilter, timing_rule
 from agent.schedule_specs import ScheduleRequest, parse_schedule_config, timing_dict
@@ -233,7 +233,10 @@ class Schedules:
                 await self.fire_due(after_downtime=after_downtime)
                 after_downtime = False
                 delay = await self._until_next_due()
-            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass (a full disk, say)
+            except AgentError as exc:  # a full disk, say: nothing was written, the trigger is still due
+                logger.warning("triggering schedules failed; trying again in a second", error=exc.message)
+                delay = 1.0
+            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass
                 logger.exception("triggering schedules failed; trying again in a second")
                 delay = 1.0
             if delay > 0:

@@ -20,7 +20,7 @@ from agent.api.params import (
 )
 from agent.api.intake import accept_request
 from agent.config import Config
-from agent.errors import BadRequest, ValidationFailed
+from agent.errors import BadRequest, Forbidden, ValidationFailed
 from agent.schedule_models import Schedule
 from agent.schedule_specs import (
     ScheduleRequest,
@@ -56,6 +56,8 @@ def accept_template(
         spec = accept_request({**template, "application": application}, config, servers, scopes)
     except ValidationFailed as failure:
         raise template_problems(failure) from None
+    except Forbidden as refusal:
+        raise _in_template(refusal) from None
     stored = spec.to_dict()
     del stored["application"]
     return stored
@@ -84,6 +86,16 @@ def accept_schedule(
     if problems or parsed is None:
         raise ValidationFailed(problems)
     return parsed, template
+
+
+def _in_template(refusal: Forbidden) -> Forbidden:
+    """A template's 403, its fields named under `template.` (the message names the config key to change)."""
+    details = refusal.details
+    if isinstance(details, list):
+        details = [{**item, "field": f"template.{item['field']}"} if isinstance(item, dict) and item.get("field")
+                   else item for item in details]
+    return Forbidden(f"template.{refusal.message}" if refusal.message.startswith(("run.", "build.", "source."))
+                     else refusal.message, code=refusal.code, details=details)
 
 
 def schedule_json(request: web.Request, schedule: Schedule) -> dict[str, Any]:

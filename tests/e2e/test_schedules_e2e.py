@@ -11,7 +11,7 @@ import docker
 import pytest
 
 from tests.conftest import containers_of
-from tests.e2e.conftest import FINAL, AgentProcess
+from tests.e2e.conftest import FINAL, READ_TOKEN, WRITE_TOKEN, AgentProcess
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -219,3 +219,9 @@ def test_schedules_are_validated_and_idempotent(agent_factory) -> None:
     assert shown.status_code == 201 and "hunter2-secret" not in shown.text
     assert shown.json()["template"]["build"]["env"] == {"TOKEN": "***"}
     assert agent.request("GET", "/v1/schedules/sch_unknown").status_code == 404
+    # A template holds only what its creator could submit: a host process needs processes:write.
+    process = {**good, "template": {"run": {"runtime": "process", "command": "sleep 60"}}}
+    refused = agent.request("POST", "/v1/schedules", json=process, token=WRITE_TOKEN)
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "forbidden", refused.text
+    assert "template.run.runtime" in refused.text
+    assert agent.request("POST", "/v1/schedules", json=good, token=READ_TOKEN).status_code == 403
