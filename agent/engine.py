@@ -123,8 +123,8 @@ class Engine:
         """Takes back the builds a previous run left running; ends its other interrupted deployments and removes their work.
 
         A build whose target re-adopts builds goes on in the worker (`Worker.resume`), counted in
-        `_running` like any running deployment; one that cannot be taken back (a process build on a
-        server) is stopped and fails `agent_restarted`, as is a deployment left `deploying`.
+        `_running` like any running deployment; one that cannot be taken back is stopped and fails
+        `agent_restarted`, as is a deployment left `deploying` (unless its release was already in service).
         """
         interrupted = await self.store.with_status("building", "deploying")
         reconciled = await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])

@@ -65,7 +65,7 @@ class Builder(Protocol):
 
 @runtime_checkable
 class ReattachingBuilder(Builder, Protocol):
-    """A builder whose builds outlive the agent and are taken back after a restart (builds in containers)."""
+    """A builder whose builds outlive the agent and are taken back after a restart (every builder today)."""
 
     async def reattach(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
         """Follows the interrupted build again and ends it as `build` does; None when its work vanished."""
@@ -217,7 +217,7 @@ class TargetBase:
 
     async def reattach_build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
         if not isinstance(self.builder, ReattachingBuilder):
-            return None  # a process build on a server is not taken back yet: it is stopped and fails
+            return None  # a builder that cannot take builds back: the engine stops what it left and fails it
         return await self.builder.reattach(deployment, log, watch)
 
     async def stop_interrupted(self, deployment: Deployment) -> int:
@@ -317,7 +317,7 @@ def release_ports(deployment: Deployment) -> list[int]:
 
 
 def check_build(
-    watch: BuildWatch, timeout_s: float, exit_code: int, timed_out: bool, image: str | None = None
+    watch: BuildWatch, timeout_s: float, exit_code: int | None, timed_out: bool, image: str | None = None
 ) -> Built:
     """A build's end as the engine sees it: stopped on request, timed out, failed, or done."""
     watch.raise_if_stopped()

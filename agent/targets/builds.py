@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import structlog
 
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, RuntimeFailure
 from agent.logs import DeploymentLog
-from agent.models import Deployment
+from agent.models import Deployment, parse_time
 from agent.runtimes.container import RELEASE_REPOSITORY, BuildJob, ContainerRuntime
 from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 from agent.targets.base import BuildWatch, Built, check_build, workspace_of
@@ -149,15 +150,40 @@ class ProcessBuilder:
             await watch.started(pid=pid, pid_started_at=started_at)
             logger.info("remote build started", server=self.shell.server_name, pid=pid)
 
-        job = RemoteBuildJob(
+        exit_code, timed_out = await self.shell.run_build(self._job(deployment), log, on_start)
+        if exit_code is None and not timed_out:
+            watch.raise_if_stopped()
+            raise RuntimeFailure(f"the build's process on server {self.shell.server_name} vanished without an exit code")
+        return check_build(watch, build.timeout_s, exit_code, timed_out)
+
+    async def reattach(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        """After a restart: follows the build's process on the server again; None when it vanished meanwhile."""
+        build = deployment.spec.build
+        assert build is not None
+        pid, started_at = deployment.pid, deployment.pid_started_at
+        if not pid or started_at is None:
+            return None  # stopped before the build started: the worker starts it afresh
+        watch.stop_with(lambda: self.shell.kill_group(pid, started_at, self.kill_grace_s))
+        await watch.started(pid=pid, pid_started_at=started_at)
+        ran_s = 0.0
+        if deployment.started_at is not None:
+            ran_s = max(0.0, time.time() - parse_time(deployment.started_at).timestamp())
+        result = await self.shell.reattach_build(self._job(deployment), log, pid, started_at, ran_s)
+        if result is None:
+            return None
+        exit_code, timed_out = result
+        return check_build(watch, build.timeout_s, exit_code, timed_out)
+
+    def _job(self, deployment: Deployment) -> RemoteBuildJob:
+        build = deployment.spec.build
+        assert build is not None
+        return RemoteBuildJob(
             deployment_id=deployment.id,
             command=build.command,
             env=build.env,
             timeout_s=build.timeout_s,
-            remote_dir=remote_dir,
+            remote_dir=self.shell.layout.release_dir(deployment.id),
         )
-        exit_code, timed_out = await self.shell.run_build(job, log, on_start)
-        return check_build(watch, build.timeout_s, exit_code, timed_out)
 
     async def finish(self, deployment: Deployment, *, kept: bool) -> None:
         if not kept:

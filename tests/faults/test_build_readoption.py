@@ -211,17 +211,51 @@ def test_a_build_detached_by_sigterm_before_it_started_runs_after_the_restart(ag
     assert output_lines(agent, deployment["id"]) == ["early-one", "early-two"]
 
 
-def test_a_remote_process_build_is_still_stopped_and_fails_after_a_restart(agent_factory, sshd) -> None:
-    """Process builds on a server are not taken back yet: after SIGKILL it is stopped and fails `agent_restarted`."""
+def test_a_remote_process_build_is_taken_back_after_sigkill(agent_factory, sshd) -> None:
+    """A process build on a server outlives the agent: after SIGKILL its log goes on with no line lost or repeated."""
     agent = remote_agent(agent_factory, ("edge", sshd))
-    body = {**process_build("edge", "echo started; sleep 60"), "application": "readopt-remote"}
+    body = {**process_build("edge", NUMBERED + "; echo done"), "application": "readopt-remote"}
+    deployment = agent.submit(body)
+    building = agent.wait_for(deployment["id"], lambda d: d["status"] == "building" and d["pid"], timeout=30)
+    deadline = time.monotonic() + 30
+    while "line 50" not in agent.log(deployment["id"]):
+        assert time.monotonic() < deadline, agent.log(deployment["id"])
+        time.sleep(0.02)
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    group = group_of(building["pid"])
+    assert group, "the remote build should have outlived the agent"
+    agent.start()
+
+    final = agent.wait_for(deployment["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["exit_code"] == 0, (final, agent.log(deployment["id"]))
+    assert output_lines(agent, deployment["id"]) == [f"line {i}" for i in range(300)] + ["done"]
+    assert agent.log(deployment["id"]).count("following the build again") == 1
+    assert psutil.wait_procs(group, timeout=10)[1] == [], "the remote build's processes were left running"
+
+
+def test_a_remote_process_build_that_ended_while_the_agent_was_away_reports_its_exit(agent_factory, sshd) -> None:
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    body = {**process_build("edge", "echo one; sleep 1; echo two; exit 5"), "application": "readopt-remote-exit"}
+    deployment = agent.submit(body)
+    agent.wait_for(deployment["id"], lambda d: d["status"] == "building" and d["pid"], timeout=30)
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(2.5)  # it ends meanwhile
+    agent.start()
+    final = agent.wait_for(deployment["id"], timeout=60)
+    assert final["status"] == "failed" and final["error"]["type"] == "build_failed" and final["exit_code"] == 5, final
+    assert output_lines(agent, deployment["id"]) == ["one", "two"]
+
+
+def test_a_remote_process_build_that_vanished_while_the_agent_was_away_is_lost(agent_factory, sshd) -> None:
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    body = {**process_build("edge", "echo started; sleep 60"), "application": "readopt-remote-lost"}
     deployment = agent.submit(body)
     building = agent.wait_for(deployment["id"], lambda d: d["status"] == "building" and d["pid"], timeout=30)
     group = group_of(building["pid"])
-    assert group, "the remote build should run"
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    for process in group:
+        process.kill()  # the supervisor too: no exit code is left
+    psutil.wait_procs(group, timeout=10)
     agent.start()
-
-    final = agent.wait_for(deployment["id"], timeout=30)
-    assert final["status"] == "failed" and final["error"]["type"] == "agent_restarted", final
-    assert psutil.wait_procs(group, timeout=10)[1] == [], "the interrupted remote build was left running"
+    final = agent.wait_for(deployment["id"], timeout=60)
+    assert final["status"] == "failed" and final["error"]["type"] == "lost", final

@@ -45,7 +45,7 @@ IsRunning = Callable[[], Awaitable[bool]]
 
 @dataclass
 class OutputFollower:
-    """Follows one release's output directory until the release ends or the follower is stopped."""
+    """Follows one release's (or build's) output directory until it ends or the follower is stopped."""
 
     server_name: str
     run_dir: str  # on the server, holding stdout, stderr and exit_code
@@ -54,6 +54,8 @@ class OutputFollower:
     discard_sftp: Callable[[asyncssh.SFTPClient], None]  # after it failed, so the next open starts anew
     offsets_file: Path | None  # local; None keeps offsets in memory only
     tail: deque[str]
+    # The stage its lines are logged under: a release's, or a build's (builds run under the same supervisor).
+    stage: str = RELEASE_STAGE
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,7 +88,7 @@ class OutputFollower:
                         self.exit_code = code
                         self._flush()
                         ending = f"exited with code {code}" if code is not None else "is gone (no exit code)"
-                        self.log.agent(RELEASE_STAGE, f"process {pid} on server {self.server_name} {ending}")
+                        self.log.agent(self.stage, f"process {pid} on server {self.server_name} {ending}")
                         return
                     delay = RECONNECT_DELAY_S
                 except (asyncssh.Error, OSError, AgentError) as exc:
@@ -121,7 +123,7 @@ class OutputFollower:
                     break
                 if self.log.full:
                     # Nothing more goes into the log: count the new bytes instead of downloading them.
-                    self.log.count_dropped(RELEASE_STAGE, size - offset)
+                    self.log.count_dropped(self.stage, size - offset)
                     self._offsets[stream] = size
                     self._save_offsets()
                     break
@@ -144,7 +146,7 @@ class OutputFollower:
 
     def _write(self, stream: str, lines: list[str]) -> None:
         if lines:
-            self.log.write_lines(RELEASE_STAGE, stream, lines)
+            self.log.write_lines(self.stage, stream, lines)
             # The tail ends up in error messages (last_output): masked like the log.
             self.tail.extend(self.log.mask(line) for line in lines)
 

@@ -1,7 +1,8 @@
 """`RemoteProcessRuntime`: builds and process releases on one server, composed of the remote parts.
 
-Builds run on a command channel (`channel`, `commands`); a release runs under a detached
-supervisor whose output files `OutputFollower` copies into the log (`output`); workspaces are
+Builds and releases run under a detached supervisor whose output files `OutputFollower` copies
+into the log (`output`), so both outlive the agent; short commands run on a command channel
+(`channel`, `commands`); workspaces are
 filled and removed by `workspaces` over `transfer`, all under the server's `RemoteLayout`.
 """
 
@@ -19,12 +20,12 @@ from agent.logs import DEFAULT_POLICY, DeploymentLog, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.remote.channel import Connect, LineSink, RemoteShell, describe, peer_host
 from agent.runtimes.remote.commands import (
-    BUILD_STAGE, DRAIN_S, EXIT_REPORT_S, OnStart, RemoteCommands,
+    BUILD_STAGE, EXIT_REPORT_S, OnStart, RemoteCommands,
 )
 from agent.runtimes.remote.layout import REMOTE_ROOT, RemoteLayout
 from agent.runtimes.remote.output import LIVENESS_EVERY_S, OutputFollower
 from agent.runtimes.remote.scripts import (
-    LIST_PORTS_SCRIPT, display, launch_script, listening_ports, pick_free_port, release_script,
+    LIST_PORTS_SCRIPT, display, listening_ports, pick_free_port, release_script,
 )
 from agent.runtimes.remote.transfer import SftpTransfer
 from agent.runtimes.remote.workspaces import RemoteWorkspaces
@@ -130,33 +131,82 @@ class RemoteProcessRuntime:
 
     # -- builds --------------------------------------------------------------------------------
 
-    async def run_build(self, job: RemoteBuildJob, log: DeploymentLog, on_start: OnStart) -> tuple[int, bool]:
+    async def run_build(self, job: RemoteBuildJob, log: DeploymentLog, on_start: OnStart) -> tuple[int | None, bool]:
         """Runs the build command in its workspace; returns (exit code, timed out).
 
-        `on_start(pid, starttime)` is awaited once the remote pid is known; a timeout kills the group.
+        It runs under the same detached supervisor as a release, its output going to files on
+        the server that a follower copies into the log: the build outlives the agent and its
+        connection, and `reattach_build` takes it back after a restart. `on_start(pid,
+        starttime)` is awaited once the remote pid is known; a timeout kills the group.
         """
         log.agent(BUILD_STAGE, f"running on server {self.server_name}: {display(job.command)}")
-        script = launch_script(job.remote_dir, job.env, job.command, create_dir=True)
-        ran = await self._commands.run(
-            script, log, BUILD_STAGE, "the build", timeout_s=job.timeout_s, on_start=on_start
-        )
-        session, started = ran.session, ran.started
-        if ran.timed_out:
-            log.agent(BUILD_STAGE, f"build timed out after {job.timeout_s:g}s; stopping")
-            if started is not None:
-                await self.kill_group(*started, self.kill_grace_s)
-            await session.wait_closed(EXIT_REPORT_S)
-            code = session.final_code
-            session.close()
-            return code, True
-        await session.wait_closed(DRAIN_S)
-        session.close()
-        if started is not None:
+        key = _build_key(job.deployment_id)
+        follower = self._follower(key, log.path, log.policy, fresh=True, stage=BUILD_STAGE)
+        script = release_script(job.remote_dir, job.env, job.command, self.run_dir(key), create_dir=True)
+        pid, started_at, _ = await self._launch(script, follower, "the build")
+        try:
+            await on_start(pid, started_at)
+        except BaseException:
+            follower.log.close()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._commands.cleanup_group((pid, started_at), log, BUILD_STAGE))
+            raise
+        return await self._await_build(job, follower, pid, started_at, job.timeout_s, log)
+
+    async def reattach_build(
+        self, job: RemoteBuildJob, log: DeploymentLog, pid: int, started_at: float, ran_s: float
+    ) -> tuple[int | None, bool] | None:
+        """After a restart: follows the build again from where its log stopped; None when it vanished.
+
+        `ran_s` is how long it has run already: its timeout counts from its real start.
+        """
+        follower = self._follower(_build_key(job.deployment_id), log.path, log.policy, fresh=False, stage=BUILD_STAGE)
+        log.agent("recovery", f"the agent restarted; following the build again (process {pid} on server {self.server_name})")
+        code, timed_out = await self._await_build(job, follower, pid, started_at, job.timeout_s - ran_s, log)
+        if code is None and not timed_out:
+            return None
+        return code, timed_out
+
+    async def _await_build(
+        self, job: RemoteBuildJob, follower: OutputFollower, pid: int, started_at: float, remaining_s: float,
+        log: DeploymentLog,
+    ) -> tuple[int | None, bool]:
+        """Copies the build's output until it ends or its time is up (then its group is killed)."""
+        build = self._follow(_build_key(job.deployment_id), pid, started_at, follower)
+        timed_out = False
+        try:
+            try:
+                async with asyncio.timeout(max(0.0, remaining_s)):
+                    await asyncio.shield(build.task)
+            except TimeoutError:
+                timed_out = True
+                log.agent(BUILD_STAGE, f"build timed out after {job.timeout_s:g}s; stopping")
+                await self.kill_group(pid, started_at, self.kill_grace_s)
+                await _wait_ended(build, EXIT_REPORT_S + LIVENESS_EVERY_S)
+        except BaseException:
+            # Killed: stop the group, then let the follower copy its last lines (within a budget).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.kill_group(pid, started_at, self.kill_grace_s))
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(_wait_ended(build, EXIT_REPORT_S + LIVENESS_EVERY_S))
+            await _forget(build)
+            raise
+        await _forget(build)
+        code = follower.exit_code
+        if not timed_out and code is not None:
             # A container ends with its build; here, whatever the build left behind in its group goes now.
-            await self._commands.cleanup_group(started, log, BUILD_STAGE)
-        code = session.final_code
-        log.agent(BUILD_STAGE, f"build exited with code {code}")
-        return code, False
+            await self._commands.cleanup_group((pid, started_at), log, BUILD_STAGE)
+            log.agent(BUILD_STAGE, f"build exited with code {code}")
+        if code is not None or timed_out:
+            await self._forget_build_files(job.deployment_id)
+        return code, timed_out
+
+    async def _forget_build_files(self, deployment_id: str) -> None:
+        key = _build_key(deployment_id)
+        if self.state_dir is not None:
+            self._offsets_file(key).unlink(missing_ok=True)
+        with contextlib.suppress(RuntimeFailure):
+            await self.remove_dir(self.run_dir(key))
 
     async def kill_group(self, pid: int, started_at: float, grace_s: float) -> bool:
         """SIGTERM to the group of `pid`, SIGKILL after `grace_s`; True if it was ours and is now gone."""
@@ -182,41 +232,7 @@ class RemoteProcessRuntime:
             await _forget(previous)
         # The follower outlives `log` and writes through its own writer, held to the same policy.
         follower = self._follower(spec.deployment_id, spec.log_path, log.policy, fresh=True)
-        try:
-            connection = await self._shell.connection()
-            host = peer_host(connection)
-            session = await self._shell.open(
-                script, LineSink(follower.log, RELEASE_STAGE, follower.tail), "the release", connection=connection
-            )
-        except BaseException:
-            follower.log.close()
-            raise
-        try:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                started = await session.wait_started()
-                # The launching shell exits right after the report; its channel closes with it.
-                await session.closed.wait()
-        except BaseException as exc:
-            session.close()
-            follower.log.close()
-            if isinstance(exc, TimeoutError):
-                raise RuntimeFailure(f"the release did not start within {START_TIMEOUT_S:g}s") from exc
-            raise
-        if started is None:
-            session.close()
-            follower.log.close()
-            if session.lost is not None:
-                raise RuntimeFailure(
-                    f"connection to server {self.server_name} was lost while starting the release: "
-                    f"{describe(session.lost)}"
-                )
-            reason = f": {follower.tail[-1]}" if follower.tail else ""
-            raise RuntimeFailure(
-                f"the release command could not start (exit code {session.exit_code}){reason}",
-                exit_code=session.exit_code,
-            )
-        pid, started_at = started
-        session.close()
+        pid, started_at, host = await self._launch(script, follower, "the release")
         self._releases[spec.deployment_id] = self._follow(spec.deployment_id, pid, started_at, follower)
         log.agent(RELEASE_STAGE, f"started process {pid} on server {self.server_name}: {display(spec.command)}")
         return ReleaseHandle(
@@ -229,6 +245,45 @@ class RemoteProcessRuntime:
             pid_started_at=started_at,
             process_group=pid,
         )
+
+    async def _launch(self, script: str, follower: OutputFollower, what: str) -> tuple[int, float, str]:
+        """Starts a `release_script` and returns (pid, starttime, the server's address) once it reported them.
+
+        Its output goes to files, not to the channel: the launching shell exits right after the
+        report. On failure the follower's writer is closed and RuntimeFailure says why.
+        """
+        try:
+            connection = await self._shell.connection()
+            host = peer_host(connection)
+            session = await self._shell.open(
+                script, LineSink(follower.log, follower.stage, follower.tail), what, connection=connection
+            )
+        except BaseException:
+            follower.log.close()
+            raise
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                started = await session.wait_started()
+                await session.closed.wait()
+        except BaseException as exc:
+            session.close()
+            follower.log.close()
+            if isinstance(exc, TimeoutError):
+                raise RuntimeFailure(f"{what} did not start within {START_TIMEOUT_S:g}s") from exc
+            raise
+        if started is None:
+            session.close()
+            follower.log.close()
+            if session.lost is not None:
+                raise RuntimeFailure(
+                    f"connection to server {self.server_name} was lost while starting {what}: {describe(session.lost)}"
+                )
+            reason = f": {follower.tail[-1]}" if follower.tail else ""
+            raise RuntimeFailure(
+                f"{what} command could not start (exit code {session.exit_code}){reason}", exit_code=session.exit_code
+            )
+        session.close()
+        return started[0], started[1], host
 
     def follow_release(self, handle: ReleaseHandle, log_path: Path, policy: LogPolicy = DEFAULT_POLICY) -> None:
         """Copies a running release's output into `log_path` again, from where it stopped (after a restart).
@@ -312,22 +367,30 @@ class RemoteProcessRuntime:
         assert self.state_dir is not None
         return self.state_dir / f"{deployment_id}.offsets"
 
-    def _follower(self, deployment_id: str, log_path: Path, policy: LogPolicy, *, fresh: bool) -> OutputFollower:
-        offsets = self._offsets_file(deployment_id) if self.state_dir is not None else None
+    def _follower(
+        self, key: str, log_path: Path, policy: LogPolicy, *, fresh: bool, stage: str = RELEASE_STAGE
+    ) -> OutputFollower:
+        """A follower of the output files of `key` (a deployment id, or `<id>.build` for its build)."""
+        offsets = self._offsets_file(key) if self.state_dir is not None else None
         if fresh and offsets is not None:
             offsets.unlink(missing_ok=True)
         return OutputFollower(
-            server_name=self.server_name, run_dir=self.run_dir(deployment_id), log=DeploymentLog(log_path, policy),
+            server_name=self.server_name, run_dir=self.run_dir(key), log=DeploymentLog(log_path, policy),
             open_sftp=self._transfer.shared_sftp, discard_sftp=self._transfer.discard_sftp, offsets_file=offsets,
-            tail=deque(maxlen=OUTPUT_LINES_KEPT),
+            tail=deque(maxlen=OUTPUT_LINES_KEPT), stage=stage,
         )
 
-    def _follow(self, deployment_id: str, pid: int, started_at: float, follower: OutputFollower) -> _Release:
+    def _follow(self, key: str, pid: int, started_at: float, follower: OutputFollower) -> _Release:
         async def is_running() -> bool:
             return (await self._commands.state(pid, started_at, follower.run_dir))[0]
 
-        task = asyncio.create_task(follower.run(pid, is_running), name=f"remote-release-{deployment_id}")
+        task = asyncio.create_task(follower.run(pid, is_running), name=f"remote-output-{key}")
         return _Release(pid=pid, started_at=started_at, follower=follower, task=task)
+
+
+def _build_key(deployment_id: str) -> str:
+    """Where a deployment's build keeps its output files and read offsets (apart from its release's)."""
+    return f"{deployment_id}.build"
 
 
 async def _wait_ended(release: _Release, timeout_s: float) -> None:

@@ -148,8 +148,10 @@ def launch_script(directory: str, env: Mapping[str, str], command: Command, *, c
     return sh_command("\n".join(lines))
 
 
-def release_script(directory: str, env: Mapping[str, str], command: Command, run_dir: str) -> str:
-    """The remote command line of a release: start the supervisor detached, report `MARKER pid starttime`.
+def release_script(
+    directory: str, env: Mapping[str, str], command: Command, run_dir: str, *, create_dir: bool = False
+) -> str:
+    """The remote command line of a release (or a build): start the supervisor detached, report `MARKER pid starttime`.
 
     `setsid` makes the supervisor a session and group leader of its own, and its output goes to
     files in `run_dir`: once the launching shell has exited, sshd holds nothing of the release
@@ -166,6 +168,7 @@ def release_script(directory: str, env: Mapping[str, str], command: Command, run
         f"rm -f -- {run}/exit_code",
         f": > {run}/stdout && : > {run}/stderr || exit",
         f"_da_run=$(cd -- {run} && pwd) || exit",
+        *([f"mkdir -p -- {shlex.quote(directory)} || exit"] if create_dir else []),
         f"cd -- {shlex.quote(directory)} || exit",
     ]
     lines += _export_lines(env)
