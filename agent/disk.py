@@ -46,3 +46,11 @@ def disk_full_of(exc: sqlite3.Error | OSError, directory: Path) -> DiskFull | No
         "the agent goes on as soon as there is room",
         details={"free_bytes": free_bytes(directory)},
     )
+
+
+def log_write_failure(error: OSError) -> DiskFull:
+    """A deployment whose log could not be written: it goes no further (no release into service, no success)."""
+    return DiskFull(
+        f"the deployment's log could not be written ({error.strerror or error}); "
+        "free some space in the state directory and deploy again"
+    )

@@ -276,6 +276,10 @@ class Engine:
                 running = self._running.get(deployment_id)
         if running is not None:
             await self.worker.stop(running, "kill")
+            if (await self.store.get(deployment_id)).status == "queued":
+                # It was waiting for disk room: nothing of it ran, and its task is gone.
+                with contextlib.suppress(Conflict):
+                    await self.worker.end(deployment_id, "cancelled", "cancelled", "killed before it started")
         return await self.store.get(deployment_id)
 
     async def delete(self, deployment_id: str) -> None:
@@ -405,6 +409,10 @@ class Engine:
             await self._raise_if_disk_low()
         except DiskFull as exc:
             return False, {"reason": exc.message}
+        kept = self.store.pending_statuses()
+        if kept:
+            # Even with min_free_bytes = 0: the store cannot write, whatever the free space says.
+            return False, {"reason": f"the disk is full: {len(kept)} final status(es) wait to be written"}
         # Shown to token holders only: how host-process releases are kept together (and killed).
         isolation = await self.targets.process_isolation()
         return True, {"docker": version, "running": len(self._running), "process_isolation": isolation}

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Awaitable
 import structlog
 
 from agent.config import Config
+from agent.disk import log_write_failure
 from agent.errors import AgentError, Conflict, NotFound, ReleaseUnhealthy
 from agent.health import HealthTarget, check_release
 from agent.logs import DeploymentLog, LogPolicy
@@ -135,6 +136,9 @@ class ReleaseManager:
                     lambda: target.release_state(started),
                     log,
                 )
+                if log.write_error is not None:
+                    # The log could not be written (a full disk): nothing goes into service unrecorded.
+                    raise log_write_failure(log.write_error)
                 await target.promote(handle)
                 # Kept now: a restart that finds the release already in service ends it with these.
                 await self.store.update(deployment.id, smoke_test=smoke_test, release_image=spec.image or image)

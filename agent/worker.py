@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from agent.config import Config
-from agent.disk import free_bytes
+from agent.disk import free_bytes, log_write_failure
 from agent.errors import (
     AgentError,
     Conflict,
@@ -244,8 +244,9 @@ class Worker:
                 await running.stop_work()
             except AgentError as exc:
                 logger.warning("stopping the build's work failed", error=exc.message)
-        if running.phase == "deploying" and running.task is not None and not running.done.is_set():
-            # A release being checked: cancelling the work removes it and restores the previous one.
+        if running.phase in ("queued", "deploying") and running.task is not None and not running.done.is_set():
+            # Waiting for disk room (nothing of it runs yet), or a release being checked: cancelling
+            # the work is the stop (a release's undo removes it and restores the previous one).
             running.task.cancel()
             await running.done.wait()
         if running.task is not None and not running.done.is_set():
@@ -267,7 +268,7 @@ class Worker:
         log = self._logs.get(deployment_id)
         error = log.write_error if log is not None and not log.closed else None
         if error is not None and status in ("deploying", "succeeded", "failed"):
-            failure = _log_failure(error)
+            failure = log_write_failure(error)
             if status != "failed":
                 raise failure
             if (fields.get("error") or {}).get("type") != "disk_full":
@@ -348,13 +349,6 @@ class _Watch:
         if self._running.stop_reason is not None and self._running.stop_work is not None:
             # Killed while the work was being started: stop it now.
             await self._running.stop_work()
-
-
-def _log_failure(error: OSError) -> DiskFull:
-    return DiskFull(
-        f"the deployment's log could not be written ({error.strerror or error}); "
-        "free some space in the state directory and deploy again"
-    )
 
 
 def _raise_if_stopped(running: RunningDeployment) -> None:

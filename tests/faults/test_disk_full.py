@@ -54,6 +54,7 @@ def test_a_full_disk_fails_the_deployment_that_hit_it_and_work_resumes_without_a
     pid = agent.process.pid if agent.process else None
 
     loud = agent.submit(build_request("disk-full-loud", LOUD_BUILD, timeout_s=120))
+    doomed = agent.submit(build_request("disk-full-loud", "echo never runs"))
     waiting = agent.submit(build_request("disk-full-loud", "echo waited for room"))
     ended = agent.wait_for(loud["id"], timeout=120)
     assert ended["status"] == "failed", ended
@@ -68,6 +69,12 @@ def test_a_full_disk_fails_the_deployment_that_hit_it_and_work_resumes_without_a
     # Not stuck: the failed deployment is final for kill too (the status reaches the file once there is room).
     killed = agent.request("POST", f"/v1/deployments/{loud['id']}/kill")
     assert killed.status_code == 409 and killed.json()["error"]["code"] == "already_final", killed.text
+    # The next one waits for room, still queued: one kill cancels it, at once.
+    agent.wait_for(doomed["id"], lambda d: "stays queued" in agent.output() or d["status"] != "queued", timeout=30)
+    began = time.monotonic()
+    cancelled = agent.request("POST", f"/v1/deployments/{doomed['id']}/kill")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled", cancelled.text
+    assert time.monotonic() - began < 2
     # Accepted work is kept, not failed: it waits for room.
     time.sleep(2)
     assert agent.get(waiting["id"])["status"] == "queued"
@@ -96,3 +103,26 @@ def test_a_full_disk_fails_the_deployment_that_hit_it_and_work_resumes_without_a
     code = agent.stop(signal.SIGTERM, timeout=15)
     took = time.monotonic() - started
     assert code == 0 and took < 10, (code, took, agent.output()[-3000:])
+
+
+def test_healthz_reports_statuses_that_wait_for_room_even_without_min_free_bytes(
+    state_dir: Path, agent_factory: Callable[..., AgentProcess],
+) -> None:
+    """With min_free_bytes = 0 intake is never refused, but a store that cannot write is not healthy."""
+    agent = agent_factory(state_dir.name, min_free_bytes=0)
+    filler = state_dir / "filler"
+    loud = agent.submit(build_request("disk-full-nomin", LOUD_BUILD, timeout_s=120))
+    ended = agent.wait_for(loud["id"], timeout=120)
+    assert ended["status"] == "failed" and ended["error"]["type"] == "disk_full", ended
+    fill(filler)  # to the last byte: the store cannot write either
+    probe = agent.request("POST", "/v1/deployments", json=build_request("disk-full-nomin-2", "true"))
+    assert probe.status_code in (201, 503), probe.text
+    if probe.status_code == 201:
+        agent.wait_for(probe.json()["id"], timeout=30)  # its final status is kept in memory, unwritten
+    health = agent.request("GET", "/healthz")
+    assert health.status_code == 503 and "disk" in health.json()["error"]["message"], health.text
+    filler.unlink()
+    deadline = time.monotonic() + 15
+    while agent.request("GET", "/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "/healthz did not recover after space was freed"
+        time.sleep(0.1)
