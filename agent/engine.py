@@ -99,6 +99,10 @@ class Engine:
         try:
             await self.reconcile()
             self._reconciled = True
+        except Unavailable as exc:
+            # Docker is not up yet (at boot, say): deployments are accepted and wait for it.
+            logger.warning("waiting for the Docker engine before taking back the previous run's work; "
+                           "deployments are accepted and wait", error=exc.message)
         except AgentError as exc:
             logger.error("reconciliation failed; retrying in the background", error=exc.message)
         self.accepting = True
@@ -113,10 +117,14 @@ class Engine:
             try:
                 await self.reconcile()
                 self._reconciled = True
+            except Unavailable as exc:
+                logger.info("still waiting for the Docker engine", error=exc.message, retry_in_s=delay)
             except AgentError as exc:
                 logger.error("reconciliation failed; retrying", error=exc.message, retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            else:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
         await self._schedule_forever()
 
     async def reconcile(self) -> None:

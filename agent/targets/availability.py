@@ -25,7 +25,7 @@ from agent.logs import DeploymentLog
 from agent.models import Deployment
 from agent.runtimes.docker.gateway import EngineUnreachable
 from agent.specs import LOCAL_SERVER
-from agent.targets.base import Builder, BuildWatch, Built
+from agent.targets.base import Builder, BuildWatch, Built, ReattachingBuilder
 
 logger = structlog.get_logger("agent.targets")
 
@@ -42,7 +42,7 @@ OUTAGE_WINDOW_S = 3.0
 WINDOW_POLL_S = 0.1
 
 Ping = Callable[[], Awaitable[str]]
-Reattach = Callable[[Deployment], Awaitable["Built | None"]]
+Reattach = Callable[[Deployment, DeploymentLog, "BuildWatch"], Awaitable["Built | None"]]
 
 
 class EngineGate:
@@ -189,19 +189,32 @@ class OutageAwareBuilder:
 
     def __init__(self, inner: Builder, gate: EngineGate, reattach: Reattach) -> None:
         self._inner = inner
-        self.inner = inner  # the builder proper, for whoever asks which one it is
         self._gate = gate
         self._reattach = reattach
 
-    def __getattr__(self, name: str) -> Any:
-        # Whatever else the builder offers (re-adoption after a restart) is the inner builder's.
-        return getattr(self._inner, name)
+    @property
+    def inner(self) -> Builder:
+        """The builder proper (for tests and diagnostics: which one it is)."""
+        return self._inner
 
     async def build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built:
+        return await self._riding_out(self._inner.build, deployment, log, watch)
+
+    async def reattach(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+        """After a restart: the inner builder takes the build back; an outage meanwhile is ridden out as in `build`."""
+        inner = self._inner
+        if not isinstance(inner, ReattachingBuilder):
+            return None
+        return await self._riding_out(inner.reattach, deployment, log, watch)
+
+    async def _riding_out(
+        self, work: Callable[[Deployment, DeploymentLog, BuildWatch], Awaitable[Any]], deployment: Deployment,
+        log: DeploymentLog, watch: BuildWatch,
+    ) -> Any:
         outages = self._gate.outages
         started = time.monotonic()
         try:
-            return await self._inner.build(deployment, log, watch)
+            return await work(deployment, log, watch)
         except BuildTimedOut:
             raise
         except DeploymentFailure as exc:
@@ -215,9 +228,11 @@ class OutageAwareBuilder:
             failure = exc
         build = deployment.spec.build
         budget = (build.timeout_s if build is not None else 0) - (time.monotonic() - started)
-        return await self._after_outage(deployment, log, failure, budget)
+        return await self._after_outage(deployment, log, watch, failure, budget)
 
-    async def _after_outage(self, deployment: Deployment, log: DeploymentLog, failure: AgentError, budget: float) -> Built:
+    async def _after_outage(
+        self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch, failure: AgentError, budget: float
+    ) -> Built:
         # An exit code means Docker saw the container end (it stops them when it stops, unless live-restore).
         exit_code = getattr(failure, "exit_code", None)
         log.agent(STAGE, f"the Docker engine went away during the build ({failure.message}); waiting for it")
@@ -228,7 +243,7 @@ class OutageAwareBuilder:
                 exit_code=exit_code,
             )
         if exit_code is None:
-            built = await self._reattach(deployment)
+            built = await self._reattach(deployment, log, watch)
             if built is not None:
                 return built
         removed = await self._inner.stop_work(deployment)

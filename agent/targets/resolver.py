@@ -20,7 +20,7 @@ from agent.runtimes.process import ProcessRuntime
 from agent.specs import LOCAL_SERVER
 from agent.ssh import SshConnections
 from agent.targets.availability import EngineGate, OutageAwareBuilder, tell_waiting
-from agent.targets.base import Builder, Built, Target
+from agent.targets.base import Builder, Built, BuildWatch, Target
 from agent.targets.builds import ContainerBuilder, ProcessBuilder, ServerContainerBuilder
 from agent.targets.local_container import LocalContainerTarget
 from agent.targets.local_process import LocalProcessTarget
@@ -157,8 +157,8 @@ class Targets:
     def _outage_aware(self, builder: ContainerBuilder, gate: EngineGate) -> Builder:
         """`builder`, riding out an outage of its engine; re-adoption is the deployment's target's."""
 
-        async def reattach(deployment: Deployment) -> Built | None:
-            return await self.for_deployment(deployment).reattach_build(deployment)
+        async def reattach(deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built | None:
+            return await self.for_deployment(deployment).reattach_build(deployment, log, watch)
 
         return OutageAwareBuilder(builder, gate, reattach)
 

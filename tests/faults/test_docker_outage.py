@@ -116,6 +116,7 @@ def test_an_agent_started_without_docker_keeps_deployments_queued_until_it_answe
     created = agent.submit(build_request("outage-boot", "echo built-after-boot"))
     time.sleep(2)
     assert agent.get(created["id"])["status"] == "queued"
+    assert agent.output().count("waiting for the Docker engine before taking back") == 1, agent.output()[-3000:]
     private_dockerd.start()
     final = agent.wait_for(created["id"], timeout=60)
     assert final["status"] == "succeeded", final
