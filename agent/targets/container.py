@@ -9,7 +9,7 @@ from agent.health import HealthTarget
 from agent.logs import DeploymentLog, LogPolicy
 from agent.models import Deployment, RunSpec
 from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec
-from agent.runtimes.container import ContainerRuntime
+from agent.runtimes.container import RELEASE_REPOSITORY, ContainerRuntime
 from agent.targets.base import LOOPBACK_ADDRESS, TargetBase, release_ports
 
 
@@ -62,3 +62,8 @@ async def prune_release_images(containers: ContainerRuntime, application: str, k
         if image not in keep and await containers.remove_image(image):
             removed.append(image)
     return removed
+
+
+def is_built_image(image: str) -> bool:
+    """Whether `image` is one of the agent's build results (which hold the built /workspace)."""
+    return image.startswith(f"{RELEASE_REPOSITORY}/")

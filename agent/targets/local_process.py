@@ -13,10 +13,10 @@ from agent.config import Config
 from agent.logs import DeploymentLog
 from agent.models import Deployment, RunSpec
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseRuntime, ReleaseSpec
-from agent.runtimes.container import RELEASE_REPOSITORY, ContainerRuntime
+from agent.runtimes.container import ContainerRuntime
 from agent.runtimes.process import ProcessRuntime
 from agent.targets.base import Builder, TargetBase, ThisHost, free_local_port, release_ports
-from agent.targets.container import prune_release_images
+from agent.targets.container import is_built_image, prune_release_images
 from agent.workspace import prepare_workspace, remove_workspace
 
 logger = structlog.get_logger("agent.targets")
@@ -73,7 +73,7 @@ class LocalProcessTarget(TargetBase):
     async def can_bring_back(self, deployment: Deployment) -> bool:
         image = deployment.release_image
         origin = deployment.release_from or deployment.id
-        if image is not None and _is_built_image(image) and await self.containers.image_exists(image):
+        if image is not None and is_built_image(image) and await self.containers.image_exists(image):
             return True
         return self._workdir_of(origin).is_dir()
 
@@ -106,7 +106,7 @@ class LocalProcessTarget(TargetBase):
         workdir = self._workdir_of(deployment.id)
         await remove_workspace(workdir)
         origin = deployment.release_from
-        if image is not None and _is_built_image(image):
+        if image is not None and is_built_image(image):
             log.agent(RELEASE_STAGE, f"copying the built workspace out of {image}")
             await self.containers.copy_workspace_out(image, workdir)
         elif origin is not None and origin != deployment.id:
@@ -115,8 +115,3 @@ class LocalProcessTarget(TargetBase):
         else:
             await prepare_workspace(deployment.spec.source, workdir, log, state_dir=self.config.agent.state_dir)
         return workdir
-
-
-def _is_built_image(image: str) -> bool:
-    """Whether `image` is one of the agent's build results (which hold the built /workspace)."""
-    return image.startswith(f"{RELEASE_REPOSITORY}/")

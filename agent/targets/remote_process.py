@@ -7,9 +7,11 @@ from pathlib import Path
 from agent.config import Config
 from agent.logs import DeploymentLog, LogPolicy
 from agent.models import Deployment, RunSpec
-from agent.runtimes.base import ReleaseHandle, ReleaseRuntime, ReleaseSpec
-from agent.targets.base import Builder, TargetBase, release_ports
+from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseRuntime, ReleaseSpec
+from agent.targets.base import Builder, TargetBase, release_ports, workspace_of
 from agent.targets.builds import put_source_on_server, remove_remote_dir_quietly
+from agent.targets.container import is_built_image
+from agent.workspace import remove_workspace
 from agent.targets.server import RemoteServer
 
 
@@ -33,8 +35,20 @@ class RemoteProcessTarget(TargetBase):
         workdir = self.server.release_dir(origin)
         if deployment.spec.build is None and origin == deployment.id:
             await put_source_on_server(self.config, self.shell, deployment, workdir, log)
+        elif origin == deployment.id and image is not None and is_built_image(image):
+            # Built in a container of the server's engine: the built workspace comes out of its image.
+            await self._unpack_built_workspace(deployment, image, workdir, log)
         ports = release_ports(deployment) or [await self.shell.free_port()]
         return self.release_spec(deployment, ports=ports, workdir=Path(workdir), export_port=True)
+
+    async def _unpack_built_workspace(self, deployment: Deployment, image: str, workdir: str, log: DeploymentLog) -> None:
+        log.agent(RELEASE_STAGE, f"copying the built workspace out of {image} into {workdir} on server {self.server.name}")
+        local = workspace_of(self.config, deployment.id)
+        try:
+            await (await self.server.docker()).copy_workspace_out(image, local)
+            await self.shell.upload_workspace(local, workdir, log)
+        finally:
+            await remove_workspace(local)
 
     async def resume_spec(self, deployment: Deployment, handle: ReleaseHandle) -> ReleaseSpec:
         workdir = Path(self.server.release_dir(deployment.release_from or deployment.id))

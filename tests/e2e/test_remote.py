@@ -322,3 +322,20 @@ def test_a_remote_release_that_dies_fails_with_its_exit_code_and_last_output(age
     assert final["status"] == "failed", agent.log(final["id"])
     assert final["error"]["type"] == "release_exited" and final["exit_code"] == 7, final
     assert "dying-words" in final["error"]["message"]
+
+
+def test_a_container_build_on_a_server_serves_as_a_process_release_from_its_built_workspace(agent_factory, sshd) -> None:
+    """Built in the server's Docker, released as a host process there: the release runs in the built workspace."""
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    body = {
+        "application": "mixed",
+        "server": "edge",
+        "build": {"image": "local/busybox", "command": "echo built-in-a-container > /workspace/index.html"},
+        "run": {"runtime": "process", "command": "exec busybox httpd -f -p $PORT -h ."},
+        "health_check": {"type": "http", "interval_s": 0.2, "retries": 25, "stable_s": 0.5},
+    }
+    final = agent.wait_for(agent.submit(body)["id"], timeout=90)
+    assert final["status"] == "succeeded", agent.log(final["id"])
+    assert fetch(final["url"]) == "built-in-a-container"
+    assert "copying the built workspace out of" in agent.log(final["id"])
+    assert agent.request("POST", "/v1/applications/mixed/stop").status_code == 202
