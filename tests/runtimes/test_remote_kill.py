@@ -64,3 +64,34 @@ async def test_remote_build_reports_pid_group_and_exit_code(runtime: RemoteProce
     assert (exit_code, timed_out) == (4, False)
     assert seen and seen[0][1] > 0
     assert "build stdout | it's a \"quoted\" value" in (tmp_path / "build.log").read_text()
+
+
+async def test_a_release_start_cancelled_at_any_moment_leaves_nothing_running(
+    runtime: RemoteProcessRuntime, tmp_path: Path
+) -> None:
+    """A kill while a remote release starts (the task cancelled, at random moments): its process never survives."""
+    import asyncio
+    import random
+
+    from agent.runtimes.base import ReleaseSpec
+
+    marker = f"deploy-agent-start-cancel-{random.randrange(10**9)}"
+    (tmp_path / "work").mkdir()
+    for attempt in range(12):
+        spec = ReleaseSpec(
+            deployment_id=f"dep_cancel{attempt}", application="cancel", runtime="process",
+            command=f"sleep 300; echo {marker}", env={},
+            log_path=tmp_path / f"{attempt}.log", workdir=tmp_path / "work",
+        )
+        task = asyncio.ensure_future(runtime.start_release(spec, DeploymentLog(tmp_path / f"{attempt}.agent.log")))
+        await asyncio.sleep(random.uniform(0, 0.15))
+        task.cancel()
+        try:
+            handle = await task
+        except asyncio.CancelledError:
+            continue
+        # It started before the cancel landed: the caller has its handle and removes it (as the undo does).
+        await runtime.remove_release(handle, 0)
+    await asyncio.sleep(0.5)
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and marker in " ".join(p.info["cmdline"])]
+    assert left == [], f"{len(left)} release process(es) outlived a cancelled start"

@@ -18,7 +18,7 @@ from typing import Mapping
 from agent.errors import RuntimeFailure
 from agent.logs import DEFAULT_POLICY, DeploymentLog, LogPolicy
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
-from agent.runtimes.remote.channel import Connect, LineSink, RemoteShell, describe, peer_host
+from agent.runtimes.remote.channel import CommandSession, Connect, LineSink, RemoteShell, describe, peer_host
 from agent.runtimes.remote.commands import (
     BUILD_STAGE, EXIT_REPORT_S, OnStart, RemoteCommands,
 )
@@ -266,6 +266,11 @@ class RemoteProcessRuntime:
                 started = await session.wait_started()
                 await session.closed.wait()
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                # Killed while it started: it may run already, unknown to anyone. Its pid comes on
+                # the channel within moments; stop its group before the cancellation goes on.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._stop_if_started(session))
             session.close()
             follower.log.close()
             if isinstance(exc, TimeoutError):
@@ -284,6 +289,12 @@ class RemoteProcessRuntime:
             )
         session.close()
         return started[0], started[1], host
+
+    async def _stop_if_started(self, session: CommandSession) -> None:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            started = await session.wait_started()
+        if started is not None:
+            await self.kill_group(*started, 0)
 
     def follow_release(self, handle: ReleaseHandle, log_path: Path, policy: LogPolicy = DEFAULT_POLICY) -> None:
         """Copies a running release's output into `log_path` again, from where it stopped (after a restart).
