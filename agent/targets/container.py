@@ -23,6 +23,20 @@ class ContainerTarget(TargetBase):
     async def runtime(self) -> ReleaseRuntime:
         return await self.docker()
 
+    async def stop_interrupted(self, deployment: Deployment) -> int:
+        """Its build's containers, and a release container it created but may never have recorded (a crash between)."""
+        removed = await super().stop_interrupted(deployment)
+        containers = await self.docker()
+        for container in await containers.list_release_containers():
+            if container.deployment_id == deployment.id:
+                orphan = ReleaseHandle(
+                    runtime="container", deployment_id=deployment.id, application=container.application,
+                    host=LOOPBACK_ADDRESS, container_id=container.container_id,
+                )
+                await containers.remove_release(orphan, 0)
+                removed += 1
+        return removed
+
     def fixed_port(self, run: RunSpec) -> int | None:
         return run.host_port
 

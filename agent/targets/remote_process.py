@@ -69,6 +69,8 @@ class RemoteProcessTarget(TargetBase):
 
     async def stop_interrupted(self, deployment: Deployment) -> int:
         removed = await self.builder.stop_work(deployment)
+        # Also what started but was never recorded (a crash in between): found by its run directory.
+        removed += await self.shell.stop_supervised(deployment.id)
         # The release's directory, whichever builder made it (the same one a process build ran in).
         await remove_remote_dir_quietly(self.shell, self.server.release_dir(deployment.id))
         return removed

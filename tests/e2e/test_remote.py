@@ -339,3 +339,50 @@ def test_a_container_build_on_a_server_serves_as_a_process_release_from_its_buil
     assert fetch(final["url"]) == "built-in-a-container"
     assert "copying the built workspace out of" in agent.log(final["id"])
     assert agent.request("POST", "/v1/applications/mixed/stop").status_code == 202
+
+
+def test_a_remote_release_started_but_never_recorded_is_stopped_after_a_restart(agent_factory, sshd) -> None:
+    """A crash between starting a remote release and recording its pid: the restart still finds and stops it."""
+    import sqlite3
+
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    checking = agent.submit({
+        **remote_web("u1", application="unrecorded"),
+        "run": {"runtime": "process", "command": "sleep 300 & echo waiting; wait"},
+        "health_check": {"type": "tcp", "start_period_s": 60, "interval_s": 0.5, "retries": 100},
+    })
+    half = agent.wait_for(checking["id"], lambda d: d["status"] == "deploying" and d["pid"], timeout=30)
+    group = group_of(half["pid"])
+    assert group
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    # What a crash a moment earlier leaves: the release runs, its row knows nothing of it.
+    with sqlite3.connect(agent.state_dir / "agent.db") as db:
+        db.execute("UPDATE deployments SET release = NULL, pid = NULL, pid_started_at = NULL, url = NULL WHERE id = ?",
+                   (checking["id"],))
+    agent.start()
+    interrupted = agent.wait_for(checking["id"], timeout=30)
+    assert interrupted["status"] == "failed" and interrupted["error"]["type"] == "agent_restarted", interrupted
+    assert psutil.wait_procs(group, timeout=10)[1] == [], "the unrecorded remote release was left running"
+
+
+def test_a_remote_release_container_never_recorded_is_removed_after_a_restart(
+    agent_factory, sshd, docker_client: docker.DockerClient
+) -> None:
+    """The same crash with a container release in the server's engine: its container goes after the restart."""
+    import sqlite3
+
+    from tests.e2e.test_releases import web_request
+
+    agent = remote_agent(agent_factory, ("edge", sshd))
+    body = {**web_request("u2", application="unrecorded-c", health={"start_period_s": 60}), "server": "edge"}
+    checking = agent.submit(body)
+    agent.wait_for(checking["id"], lambda d: d["status"] == "deploying" and d["container_id"], timeout=90)
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    with sqlite3.connect(agent.state_dir / "agent.db") as db:
+        db.execute("UPDATE deployments SET release = NULL, container_id = NULL, pid = NULL, url = NULL WHERE id = ?",
+                   (checking["id"],))
+    assert containers_of(docker_client, checking["id"])
+    agent.start()
+    interrupted = agent.wait_for(checking["id"], timeout=30)
+    assert interrupted["status"] == "failed" and interrupted["error"]["type"] == "agent_restarted", interrupted
+    assert containers_of(docker_client, checking["id"]) == []

@@ -25,7 +25,8 @@ from agent.runtimes.remote.commands import (
 from agent.runtimes.remote.layout import REMOTE_ROOT, RemoteLayout
 from agent.runtimes.remote.output import LIVENESS_EVERY_S, OutputFollower
 from agent.runtimes.remote.scripts import (
-    LIST_PORTS_SCRIPT, display, listening_ports, pick_free_port, release_script,
+    LIST_PORTS_SCRIPT, LIST_SUPERVISORS_SCRIPT, display, listening_ports, pick_free_port, read_supervisors,
+    release_script,
 )
 from agent.runtimes.remote.transfer import SftpTransfer
 from agent.runtimes.remote.workspaces import RemoteWorkspaces
@@ -128,6 +129,21 @@ class RemoteProcessRuntime:
         if code != 0:
             raise RuntimeFailure(f"listing the listening ports of server {self.server_name} failed: {error}")
         return pick_free_port(listening_ports(output))
+
+    async def stop_supervised(self, deployment_id: str) -> int:
+        """Stops whatever of the deployment runs under a supervisor (its release, its build), recorded or not.
+
+        After a crash between starting one and recording its pid, only the supervisor's argv (its
+        run directory, named by the deployment id) tells it is there. Returns how many groups were stopped.
+        """
+        code, output, error = await self._shell.query(LIST_SUPERVISORS_SCRIPT, "listing supervisors")
+        if code != 0:
+            raise RuntimeFailure(f"listing the processes of server {self.server_name} failed: {error}")
+        stopped = 0
+        for pid, started_at, key in read_supervisors(output):
+            if key in (deployment_id, _build_key(deployment_id)) and await self.kill_group(pid, started_at, 0):
+                stopped += 1
+        return stopped
 
     # -- builds --------------------------------------------------------------------------------
 

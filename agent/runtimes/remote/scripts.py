@@ -30,6 +30,23 @@ GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_PROTOCOL_FROM_USER": "0"}
 # so that outgoing connections on the server do not take them meanwhile.
 REMOTE_PORTS = range(20000, 32000)
 LIST_PORTS_SCRIPT = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true"
+# Every supervisor of this login's releases and builds: `pid starttime run-dir-name` a line. The
+# supervisor's argv is `/bin/sh -c SCRIPT deploy-agent-supervisor RUN_DIR COMMAND...`, and it leads
+# its own group (setsid); the run dir's name is the deployment id (`<id>.build` for a build).
+LIST_SUPERVISORS_SCRIPT = r"""
+for d in /proc/[0-9]*; do
+  [ -O "$d" ] || continue
+  argv=$(tr '\0' '\n' < "$d/cmdline" 2>/dev/null) || continue
+  run=$(printf '%s\n' "$argv" | sed -n '/^deploy-agent-supervisor$/{n;p;q;}')
+  [ -n "$run" ] || continue
+  { read -r s < "$d/stat"; } 2>/dev/null || continue
+  s=${s##*) }
+  IFS=' '
+  set -- $s
+  echo "${d#/proc/} ${20} ${run##*/}"
+done
+true
+"""
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Proves group $pid ours (its leader with start time $want, or a tagged live member once the
@@ -202,6 +219,16 @@ def state_script(pid: int, started_at: float, run_dir: str) -> str:
         f"pid={shlex.quote(str(int(pid)))}; want={shlex.quote(str(int(started_at)))}; "
         f"run={shlex.quote(run_dir)}\n{_STATE_SCRIPT}"
     )
+
+
+def read_supervisors(output: str) -> list[tuple[int, float, str]]:
+    """(pid, starttime, run dir name) of each line `LIST_SUPERVISORS_SCRIPT` printed."""
+    found = []
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            found.append((int(parts[0]), float(parts[1]), parts[2]))
+    return found
 
 
 def read_state(output: str) -> tuple[str, int | None] | None:
