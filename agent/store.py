@@ -104,6 +104,27 @@ CREATE INDEX IF NOT EXISTS deployments_application ON deployments (application, 
 CREATE INDEX IF NOT EXISTS deployments_updated ON deployments (updated_at);
 -- The scheduler's question, each application's oldest queued deployment, from the index alone.
 CREATE INDEX IF NOT EXISTS deployments_queue ON deployments (status, application, seq);
+-- Each deployment's string metadata values, kept by triggers from the spec (whoever writes it):
+-- a `metadata.KEY=VALUE` filter reads the matching rows newest first from this index alone.
+CREATE TABLE IF NOT EXISTS deployment_metadata (
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    dseq  INTEGER NOT NULL,
+    PRIMARY KEY (key, value, dseq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deployment_metadata_dseq ON deployment_metadata (dseq);
+CREATE TRIGGER IF NOT EXISTS deployment_metadata_inserted AFTER INSERT ON deployments BEGIN
+    INSERT OR IGNORE INTO deployment_metadata (key, value, dseq)
+        SELECT key, value, NEW.seq FROM json_each(NEW.spec, '$.metadata') WHERE type = 'text';
+END;
+CREATE TRIGGER IF NOT EXISTS deployment_metadata_updated AFTER UPDATE OF spec ON deployments BEGIN
+    DELETE FROM deployment_metadata WHERE dseq = OLD.seq;
+    INSERT OR IGNORE INTO deployment_metadata (key, value, dseq)
+        SELECT key, value, NEW.seq FROM json_each(NEW.spec, '$.metadata') WHERE type = 'text';
+END;
+CREATE TRIGGER IF NOT EXISTS deployment_metadata_deleted AFTER DELETE ON deployments BEGIN
+    DELETE FROM deployment_metadata WHERE dseq = OLD.seq;
+END;
 CREATE TABLE IF NOT EXISTS applications (
     name            TEXT PRIMARY KEY,
     deployment_id   TEXT NOT NULL,
@@ -459,7 +480,17 @@ class Store:
         # FULL syncs the WAL on every commit: a 201 is only sent for what is on disk.
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=5000")
+        indexed = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deployment_metadata'"
+        ).fetchone() is not None
         connection.executescript(SCHEMA)
+        if not indexed:
+            # A database of an agent before the metadata index: its rows are indexed once, here.
+            connection.execute(
+                """INSERT OR IGNORE INTO deployment_metadata (key, value, dseq)
+                   SELECT j.key, j.value, d.seq FROM deployments d, json_each(d.spec, '$.metadata') j
+                   WHERE j.type = 'text'"""
+            )
         # A database written before a field existed gets its column (nullable: old rows have none).
         present = {row["name"] for row in connection.execute("PRAGMA table_info(deployments)")}
         for item in FIELDS:
@@ -560,16 +591,25 @@ class Store:
         if query.after_seq is not None:
             clauses.append("seq < ?")
             params.append(query.after_seq)
-        for key, value in query.metadata:
-            # json_each rather than a JSON path: a key may hold any character a path would have to escape.
-            clauses.append(
-                "EXISTS (SELECT 1 FROM json_each(spec, '$.metadata') WHERE key = ? AND type = 'text' AND value = ?)"
-            )
-            params += [key, value]
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        source = "deployments"
         order = "+seq" if query.updated_since is not None and self._few_updated_since(query.updated_since) else "seq"
+        for index, (key, value) in enumerate(query.metadata):
+            # From the metadata index (deployment_metadata), kept from the spec by triggers.
+            if index == 0:
+                source = "deployment_metadata m JOIN deployments ON deployments.seq = m.dseq"
+                clauses.append("m.key = ? AND m.value = ?")
+                params += [key, value]
+                # Newest first straight from the index: the matching rows are read, not the table.
+                order = "m.dseq" if order == "seq" else order
+            else:
+                clauses.append(
+                    "EXISTS (SELECT 1 FROM deployment_metadata x WHERE x.key = ? AND x.value = ? AND x.dseq = seq)"
+                )
+                params += [key, value]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(
-            f"SELECT * FROM deployments {where} ORDER BY {order} DESC LIMIT ?", (*params, query.limit + 1)
+            f"SELECT deployments.* FROM {source} {where} ORDER BY {order} DESC LIMIT ?",
+            (*params, query.limit + 1),
         ).fetchall()
         page = [self._deployment(row) for row in rows[: query.limit]]
         next_seq = page[-1].seq if len(rows) > query.limit else None

@@ -78,7 +78,7 @@ def lists(agent: Agent, max_seq: int) -> dict[str, float]:
         "updated_since newer than all": {"updated_since": FUTURE},
         "deep cursor (row 90%)": {"cursor": encode_cursor(max(1, max_seq // 10)) or ""},
         "metadata.tenant=t7 (1 row in 100)": {"metadata.tenant": "t7"},
-        "metadata.tenant=none (no row: a full scan)": {"metadata.tenant": "none"},
+        "metadata.tenant=none (no row matches)": {"metadata.tenant": "none"},
     }
     return {name: query_p50(url, params) for name, params in queries.items()}
 

@@ -265,3 +265,52 @@ async def test_updated_since_newer_than_every_row_reads_the_index(store: Store) 
     assert (await store.list(DeploymentFilter(updated_since=future))) == ([], None)
     page, _ = await store.list(DeploymentFilter(updated_since="2000-01-01T00:00:00.000Z", limit=2))
     assert len(page) == 2 and page[0].seq > page[1].seq
+
+
+def with_metadata(metadata: dict, application: str = "web") -> Deployment:
+    import dataclasses
+
+    deployment = make(application)
+    return dataclasses.replace(deployment, spec=dataclasses.replace(deployment.spec, metadata=metadata))
+
+
+async def ids_where(store: Store, *pairs: tuple[str, str], **filters: object) -> list[str]:
+    page, _ = await store.list(DeploymentFilter(metadata=tuple(pairs), **filters))  # type: ignore[arg-type]
+    return [deployment.id for deployment in page]
+
+
+async def test_the_metadata_filter_follows_every_write_of_the_metadata(store: Store) -> None:
+    """Its index is kept by the database itself: inserts, PATCHed metadata and deletes all show at once."""
+    first, _ = await store.insert(with_metadata({"tenant": "t1", "env": "prod"}))
+    second, _ = await store.insert(with_metadata({"tenant": "t1", "env": "staging", "n": 7}, application="api"))
+    third, _ = await store.insert(with_metadata({"tenant": "t2"}))
+    assert await ids_where(store, ("tenant", "t1")) == [second.id, first.id]  # newest first
+    assert await ids_where(store, ("tenant", "t1"), ("env", "prod")) == [first.id]
+    assert await ids_where(store, ("tenant", "t1"), application="api") == [second.id]
+    assert await ids_where(store, ("n", "7")) == []  # only string values match
+    assert await ids_where(store, ("tenant", "none")) == []
+    await store.set_metadata(third.id, {"tenant": "t1"})
+    await store.set_metadata(first.id, {"tenant": "t3"})
+    assert await ids_where(store, ("tenant", "t1")) == [third.id, second.id]
+    await store.transition(second.id, "failed")
+    await store.delete(second.id)
+    assert await ids_where(store, ("tenant", "t1")) == [third.id]
+    page, next_seq = await store.list(DeploymentFilter(metadata=(("tenant", "t1"),), limit=1))
+    assert [d.id for d in page] == [third.id] and next_seq is None
+
+
+async def test_a_database_from_before_the_metadata_index_is_indexed_when_opened(tmp_path: Path) -> None:
+    store = Store(tmp_path / "old.db")
+    await store.open()
+    kept, _ = await store.insert(with_metadata({"tenant": "old"}))
+    await store.close()
+    with sqlite3.connect(tmp_path / "old.db") as db:  # as an older agent left it
+        for trigger in ("deployment_metadata_inserted", "deployment_metadata_updated", "deployment_metadata_deleted"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE deployment_metadata")
+    reopened = Store(tmp_path / "old.db")
+    await reopened.open()
+    try:
+        assert await ids_where(reopened, ("tenant", "old")) == [kept.id]
+    finally:
+        await reopened.close()
