@@ -157,6 +157,8 @@ class Store:
         self.on_callback_event: Callable[[], None] = _no_one
         # Called after a run of a schedule ended (the trigger loop's wake-up: a retry may be due).
         self.on_schedule_event: Callable[[], None] = _no_one
+        # Kept final statuses the store thread wrote, to announce on the loop (_announce_kept_written).
+        self._kept_written: list[str] = []
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -445,13 +447,22 @@ class Store:
         try:
             return await loop.run_in_executor(self._executor, partial(self._guarded, function, *args))
         finally:
+            self._announce_kept_written()
             self._pending.retry_in_background(lambda: self._call(_nothing), lambda: self._connection is not None)
+
+    def _announce_kept_written(self) -> None:
+        """On the loop, after a call: kept final statuses the store thread has written meanwhile are news."""
+        while self._kept_written:
+            deployment_id = self._kept_written.pop()
+            self.changes.changed(deployment_id)
+            self.on_callback_event()
+            self.on_schedule_event()
 
     def _guarded(self, function: Callable[..., T], *args: Any) -> T:
         """Runs `function` on the store thread after the pending statuses; a full disk becomes DiskFull."""
         try:
             if self._pending and self._connection is not None:
-                self._pending.write(self._write)
+                self._pending.write(self._write_kept)
             return function(*args)
         except (sqlite3.Error, OSError) as exc:
             full = disk_full_of(exc, self.path.parent)
@@ -696,6 +707,23 @@ class Store:
             _rollback(db)
             raise
         return deployment_id if exists else None
+
+    def _write_kept(self, deployment_id: str, values: dict[str, Any]) -> None:
+        """A final status kept for lack of room, written now with what its move would have written:
+        its callback event and its schedule's outcome, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._write(deployment_id, values)
+            self._queue_callback(deployment_id)
+            written = self._get(deployment_id)
+            if written.schedule_id is not None:
+                self._run_moved(written)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        self._kept_written.append(deployment_id)
 
     def _write(self, deployment_id: str, values: dict[str, Any]) -> None:
         columns = ", ".join(f"{name} = ?" for name in values)

@@ -232,6 +232,36 @@ async def test_a_final_status_kept_by_a_full_disk_is_written_once_there_is_room(
 
 
 
+async def test_a_kept_final_status_gets_its_callback_event_when_it_is_written(small_store: tuple[Store, Path]) -> None:
+    """The event that reports a final status is written with it, even when a full disk delayed both."""
+    import dataclasses
+    import json
+
+    from agent.models import CallbackSpec
+
+    store, directory = small_store
+    woken: list[int] = []
+    store.on_callback_event = lambda: woken.append(1)
+    base = make()
+    called, _ = await store.insert(dataclasses.replace(
+        base, spec=dataclasses.replace(base.spec, callback=CallbackSpec(url="http://127.0.0.1:9/hook"))))
+    await store.transition(called.id, "building")
+    fill(directory / "filler")
+    await store.transition(called.id, "failed", error={"type": "disk_full", "message": "no room"})
+    assert store.pending_statuses() == {called.id: "failed"}
+    (directory / "filler").unlink()
+    deadline = time.monotonic() + 5
+    while store.pending_statuses():
+        assert time.monotonic() < deadline, "the kept status was not written after space was freed"
+        await asyncio.sleep(0.1)
+    await store.get(called.id)  # a call after the write: the sender has been told
+    with contextlib.closing(sqlite3.connect(directory / "agent.db")) as db:
+        bodies = [json.loads(body) for (body,) in db.execute(
+            "SELECT body FROM callback_outbox WHERE deployment_id = ? ORDER BY seq", (called.id,))]
+    assert [body["deployment"]["status"] for body in bodies][-1] == "failed", bodies
+    assert woken, "the callback sender was not woken"
+
+
 async def test_status_counts_follow_every_write_and_survive_a_reopen(store: Store, tmp_path: Path) -> None:
     first, _ = await store.insert(make())
     second, _ = await store.insert(make("api"))
