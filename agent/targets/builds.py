@@ -162,7 +162,10 @@ class ProcessBuilder:
         assert build is not None
         pid, started_at = deployment.pid, deployment.pid_started_at
         if not pid or started_at is None:
-            return None  # stopped before the build started: the worker starts it afresh
+            # Stopped before the build's pid was recorded: it may have started even so. Whatever of
+            # it runs goes, and the worker starts it afresh.
+            await self.shell.stop_supervised(deployment.id)
+            return None
         watch.stop_with(lambda: self.shell.kill_group(pid, started_at, self.kill_grace_s))
         await watch.started(pid=pid, pid_started_at=started_at)
         ran_s = 0.0

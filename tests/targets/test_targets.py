@@ -64,6 +64,10 @@ class FakeShell:
         self.calls.append(("kill_group", pid, started_at, grace_s))
         return True
 
+    async def stop_supervised(self, deployment_id: str) -> int:
+        self.calls.append(("stop_supervised", deployment_id))
+        return 0
+
 
 class FakeWatch:
     def __init__(self, stopped: bool = False) -> None:
@@ -188,7 +192,8 @@ async def test_an_interrupted_remote_process_build_is_killed_at_once_and_its_dir
     )
     assert await target.stop_interrupted(interrupted) == 1
     assert shell.calls == [
-        ("kill_group", 4242, 1234.0, 0), ("remove_dir", f".deploy-agent/releases/{interrupted.id}"),
+        ("kill_group", 4242, 1234.0, 0), ("stop_supervised", interrupted.id),
+        ("remove_dir", f".deploy-agent/releases/{interrupted.id}"),
     ]
 
 
