@@ -389,6 +389,46 @@ class AuthTable(Table):
         return self
 
 
+_REGISTRY = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[a-z0-9._/-]+)?")
+
+
+def _check_registry_url(url: str) -> str:
+    if not _REGISTRY.fullmatch(url):
+        invalid("must be a registry address such as 127.0.0.1:5000 or registry.example.com (no scheme)")
+    return url
+
+
+@dataclass(frozen=True)
+class RegistrySettings(Table):
+    """Where release images of swarm applications are pushed for every node to pull."""
+
+    url: Annotated[str, Strict(), AfterValidator(_check_registry_url)]
+    username: Annotated[str, Strict(), Field(min_length=1)] | None = None
+    password: Annotated[str, Strict()] | None = field(default=None, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_of_file(cls, entry: Any, info: ValidationInfo) -> Any:
+        """`password_file` is read at load, as `[callbacks] secret_file` is; a password needs a username."""
+        if not isinstance(entry, dict):
+            return entry
+        if "password" in entry:
+            invalid("give password_file (a file only the agent's user can read), not the password itself")
+        if "password_file" in entry:
+            entry = dict(entry)
+            path = Path(_string(entry.pop("password_file"), "password_file"))
+            base_dir = (info.context or {}).get("base_dir")
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            try:
+                entry["password"] = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                refuse(("password_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"))
+            if "username" not in entry:
+                refuse(("username", "is required with password_file"))
+        return entry
+
+
 @dataclass(frozen=True)
 class ConfigFile(Table):
     """The file as written: its tables, before they become a `Config`."""
@@ -402,6 +442,7 @@ class ConfigFile(Table):
     ] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
     callbacks: CallbackSettings | None = None
+    registry: RegistrySettings | None = None
 
 
 @dataclass(frozen=True)
@@ -413,6 +454,7 @@ class Config:
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
     callbacks: CallbackSettings | None = None
+    registry: RegistrySettings | None = None
     # The file this config was read from (None for built-in defaults); its directory is never a source.
     path: Path | None = None
 
@@ -462,7 +504,7 @@ class Config:
             raise ConfigError([f"{dotted(location)}: {message}" for location, message in problems]) from None
         return cls(
             agent=file.agent, docker=file.docker, releases=file.releases, tokens=file.auth.tokens,
-            servers=file.servers, security=file.security, callbacks=file.callbacks,
+            servers=file.servers, security=file.security, callbacks=file.callbacks, registry=file.registry,
         )
 
 

@@ -47,6 +47,7 @@ def parse_deployment_request(
     check_source: bool = True,
     callbacks_enabled: bool = False,
     default_callback_url: str | None = None,
+    registry: bool = False,
 ) -> DeploymentSpec:
     """Validates a deployment request body; raises ValidationFailed naming every bad field.
 
@@ -55,7 +56,7 @@ def parse_deployment_request(
     leaves the source directory to `check_source_directory`, for a caller that must first
     decide whether the path may be looked at at all. A `callback` is refused unless
     `callbacks_enabled` (a secret to sign with is configured); without one the request gets
-    `default_callback_url`.
+    `default_callback_url`. A swarm release needs a `registry` (`[registry]` in the config).
     """
     if not isinstance(body, dict):
         problem = {"field": "", "message": "must be an object"}
@@ -67,6 +68,7 @@ def parse_deployment_request(
         "check_source": check_source,
         "callbacks_enabled": callbacks_enabled,
         "default_callback_url": default_callback_url if callbacks_enabled else None,
+        "registry": registry,
     }
     nul_problems, nul_locations = find_nul(body)
     try:

@@ -56,6 +56,9 @@ class ApplicationView:
     container_id: str | None
     pid: int | None
     updated_at: str
+    # Swarm applications: replicas desired, running and healthy, and the nodes their tasks run on.
+    replicas: dict[str, int] | None = None
+    nodes: tuple[str, ...] | None = None
 
 
 class Engine:
@@ -369,9 +372,29 @@ class Engine:
         await asyncio.to_thread(authorize_spec, runtime_only, self.config, scopes)
         return await self._view(await self.releases.start_application(name))
 
+    async def scale_application(self, name: str, replicas: int) -> ApplicationView:
+        """Changes how many tasks a swarm application's service runs (409 for other applications)."""
+        app = await self.store.get_application(name)
+        current = await self.store.get(app.deployment_id)
+        if current.spec.run is None or current.spec.run.runtime != "swarm":
+            raise Conflict(f"application {name} is not a swarm application: only a service has replicas",
+                           code="not_swarm")
+        await self.targets.swarm().scale(name, replicas)
+        logger.info("application scaled", application=name, replicas=replicas)
+        return await self._view(app)
+
     async def _view(self, app: Application) -> ApplicationView:
         deployment = await self.store.get(app.deployment_id)
         running = app.state == "running"
+        if deployment.spec.run is not None and deployment.spec.run.runtime == "swarm":
+            service = await self.targets.swarm().service(app.name)
+            return ApplicationView(
+                name=app.name, deployment_id=app.deployment_id, state=app.state,
+                url=deployment.url if running else None, since=app.since, runtime="swarm", container_id=None,
+                pid=None, updated_at=app.updated_at,
+                replicas={"desired": service.desired, "running": service.running, "healthy": service.running},
+                nodes=service.nodes,
+            )
         return ApplicationView(
             name=app.name,
             deployment_id=app.deployment_id,

@@ -130,12 +130,15 @@ class ReleaseManager:
                 )
                 log.agent(STAGE, f"release started{f' at {url}' if url else ''}")
                 started = handle
-                smoke_test = await check_release(
-                    deployment.spec.health_check,
-                    await self._health_target(target, handle, deployment),
-                    lambda: target.release_state(started),
-                    log,
-                )
+                if target.checks_health_itself:
+                    smoke_test = await target.converge(deployment, handle, log)
+                else:
+                    smoke_test = await check_release(
+                        deployment.spec.health_check,
+                        await self._health_target(target, handle, deployment),
+                        lambda: target.release_state(started),
+                        log,
+                    )
                 if log.write_error is not None:
                     # The log could not be written (a full disk): nothing goes into service unrecorded.
                     raise log_write_failure(log.write_error)

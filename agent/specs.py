@@ -203,6 +203,10 @@ def bind_addresses(context: Mapping[str, Any] | None) -> tuple[str, ...]:
 
 Text = Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
 Runtime = Literal["container", "process"]
+# Where a release runs: a container, a host process, or a Docker Swarm service of the agent's swarm.
+RunRuntime = Literal["container", "process", "swarm"]
+MAX_REPLICAS = 1000
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.-]+(?:\.[A-Za-z0-9_.-]+)*\s*(?:==|!=)\s*\S(?:.*\S)?")
 Port = Annotated[int, Strict(), Between(1, 65535)]
 ImageReference = Annotated[str, Strict(), Field(min_length=1, max_length=512), AfterValidator(_check_image)]
 Command = Annotated[tuple[str, ...] | str, PlainValidator(_read_command, json_schema_input_type=list[str] | str)]
@@ -301,11 +305,22 @@ class BuildSpec(RequestObject):
 
 
 _CONTAINER_ONLY_RUN_FIELDS = ("host_port", "memory", "cpus", "pids")
+_SWARM_ONLY_RUN_FIELDS = ("replicas", "constraints")
+
+
+def _read_constraints(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        invalid("must be a list of placement constraints such as 'node.role==manager'")
+    problems = [((index,), "must be KEY==VALUE or KEY!=VALUE, e.g. node.labels.zone==eu-1")
+                for index, item in enumerate(value) if len(item) > 256 or not _CONSTRAINT.fullmatch(item)]
+    if problems:
+        refuse(*problems)
+    return tuple(value)
 
 
 @dataclass(frozen=True)
 class RunSpec(RequestObject):
-    runtime: Runtime = "container"
+    runtime: RunRuntime = "container"
     image: ImageReference | None = None
     command: Command | None = None
     port: Port | None = None
@@ -316,6 +331,9 @@ class RunSpec(RequestObject):
     memory: Annotated[int, PlainValidator(_read_release_memory, json_schema_input_type=int | str)] | None = None
     cpus: Annotated[float, Strict(), Between(0.01, 1024)] | None = None
     pids: Annotated[int, Strict(), Between(1, MAX_RELEASE_PIDS)] | None = None
+    # Swarm only: how many tasks run the release, and where they may be placed.
+    replicas: Annotated[int, Strict(), Between(0, MAX_REPLICAS)] | None = None
+    constraints: Annotated[tuple[str, ...], PlainValidator(_read_constraints, json_schema_input_type=list[str])] = ()
 
     @classmethod
     def input_defaults(cls, context: Mapping[str, Any]) -> dict[str, Any]:
@@ -333,6 +351,9 @@ class RunSpec(RequestObject):
                 for name in _CONTAINER_ONLY_RUN_FIELDS
                 if getattr(self, name) is not None
             ]
+        if self.runtime != "swarm":
+            problems += [(name, "is only for swarm releases (runtime \"swarm\")")
+                         for name in _SWARM_ONLY_RUN_FIELDS if getattr(self, name)]
         if problems:
             refuse(*problems)
         return self
@@ -382,12 +403,12 @@ class DeploymentSpec(RequestObject):
         return {"callback": {"url": default}} if default else {}
 
     @model_validator(mode="after")
-    def _check_parts_fit(self) -> DeploymentSpec:
+    def _check_parts_fit(self, info: ValidationInfo) -> DeploymentSpec:
         build, run, health = self.build, self.run, self.health_check
         problems: list[tuple[tuple[str, str] | str, str]] = []
         if health is not None and run is None:
             problems.append(("health_check", "needs a run"))
-        container_run_without_image = run is not None and run.runtime == "container" and run.image is None
+        container_run_without_image = run is not None and run.runtime in ("container", "swarm") and run.image is None
         if build is not None and build.runtime == "process":
             if self.server == LOCAL_SERVER:
                 problems.append((
@@ -401,7 +422,13 @@ class DeploymentSpec(RequestObject):
                 )
         if container_run_without_image and build is None:
             problems.append((("run", "image"), "is required when there is no build to start the release from"))
-        unchecked = run is not None and run.runtime == "container" and run.port is None
+        if run is not None and run.runtime == "swarm":
+            if self.server != LOCAL_SERVER:
+                problems.append((("run", "runtime"), "'swarm' runs on the swarm of this agent's engine: server must be 'local'"))
+            if not (info.context or {}).get("registry", True):
+                problems.append((("run", "runtime"), "'swarm' needs [registry] url in the agent's config: "
+                                 "its nodes pull the release image from there"))
+        unchecked = run is not None and run.runtime in ("container", "swarm") and run.port is None
         if health is not None and unchecked and health.port is None:
             problems.append(
                 (("health_check", "port"), "is required when run.port is not set: there is nothing to check")
@@ -435,7 +462,8 @@ class DeploymentSpec(RequestObject):
             server=data.get("server", LOCAL_SERVER),
             source=SourceSpec(**source) if source else None,
             build=BuildSpec(**{**build, "command": command(build["command"])}) if build else None,
-            run=RunSpec(**{**run, "command": command(run.get("command"))}) if run else None,
+            run=RunSpec(**{**run, "command": command(run.get("command")), "constraints": tuple(run.get("constraints") or ())})
+            if run else None,
             health_check=HealthCheckSpec(**health) if health else None,
             metadata=data.get("metadata") or {},
             callback=CallbackSpec(**callback) if callback else None,

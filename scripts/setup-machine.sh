@@ -21,6 +21,7 @@ install_packages() {
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq
@@ -86,8 +87,36 @@ install_python() {
   fi
 }
 
+# A single-node swarm on this engine, for swarm applications and their tests.
+init_swarm() {
+  if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ]; then return; fi
+  log "initialising a single-node swarm"
+  docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+}
+
+# A registry on loopback (Debian's docker-registry) that swarm nodes pull release images from.
+# Docker trusts 127.0.0.0/8 registries over plain HTTP; its data lives in /var/lib/deploy-agent-registry.
+registry_addr="${DEPLOY_AGENT_REGISTRY:-127.0.0.1:5000}"
+start_registry() {
+  if curl -fsS "http://$registry_addr/v2/" >/dev/null 2>&1; then return; fi
+  log "starting a registry on $registry_addr"
+  local config=/etc/deploy-agent-registry.yml
+  printf '%s\n' "version: 0.1" "log:" "  level: warn" "storage:" "  filesystem:" \
+    "    rootdirectory: /var/lib/deploy-agent-registry" "  delete:" "    enabled: true" "http:" \
+    "  addr: $registry_addr" | as_root tee "$config" >/dev/null
+  as_root sh -c "nohup docker-registry serve $config >/var/log/deploy-agent-registry.log 2>&1 &"
+  for _ in $(seq 1 50); do
+    curl -fsS "http://$registry_addr/v2/" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  log "the registry did not start; see /var/log/deploy-agent-registry.log"
+  exit 1
+}
+
 install_packages
 start_docker
+init_swarm
+start_registry
 build_base_image
 install_python
-log "ready: docker $(docker version --format '{{.Server.Version}}'), image $base_image, venv $venv"
+log "ready: docker $(docker version --format '{{.Server.Version}}') (swarm), registry $registry_addr, image $base_image, venv $venv"

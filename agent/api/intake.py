@@ -21,6 +21,7 @@ def accept_request(body: object, config: Config, servers: frozenset[str], scopes
         check_source=False,
         callbacks_enabled=config.callbacks is not None,
         default_callback_url=config.callbacks.url if config.callbacks else None,
+        registry=config.registry is not None,
     )
     authorize_spec(spec, config, scopes)
     check_source_directory(spec)

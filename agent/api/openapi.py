@@ -164,6 +164,11 @@ def _response_schemas() -> Json:
             "container_id": nullable(TEXT),
             "pid": nullable(INTEGER),
             "updated_at": nullable(TIME),
+            "replicas": object_schema(
+                {"desired": INTEGER, "running": INTEGER, "healthy": INTEGER}, ["desired", "running", "healthy"],
+                description="Swarm applications only.",
+            ),
+            "nodes": {"type": "array", "items": TEXT, "description": "Swarm applications only: where its tasks run."},
         },
         ["name", "current_deployment_id", "state", "url", "since"],
     )
@@ -363,6 +368,17 @@ def _paths() -> Json:
                 ("stop", "Take the current release out of service"),
                 ("start", "Bring the current release back into service"),
             )
+        },
+        "/v1/applications/{name}/scale": {
+            "parameters": [parameter("ApplicationName")],
+            "post": operation(
+                "Change how many tasks a swarm application's service runs",
+                WRITE,
+                {"202": json_answer("The application.", application), **error_responses(404, 409, 413, 415, 422)},
+                operationId="scaleApplication",
+                requestBody=json_body(object_schema(
+                    {"replicas": {"type": "integer", "minimum": 0, "maximum": 1000}}, ["replicas"], extra=False)),
+            ),
         },
         "/v1/servers": {
             "get": operation(

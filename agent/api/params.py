@@ -15,6 +15,7 @@ from multidict import MultiDict, MultiMapping
 from agent.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from agent.api.cursor import decode_cursor
 from agent.schedule_models import ScheduleFilter
+from agent.specs import MAX_REPLICAS
 from agent.models import MAX_SQLITE_INTEGER, STATUSES, DeploymentFilter, format_time, parse_metadata, parse_time
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -285,6 +286,16 @@ def parse_metadata_patch(body: Any) -> dict[str, Any]:
     if problems:
         raise ValidationFailed(problems)
     return parse_metadata(body["metadata"])
+
+
+def parse_replicas(body: Any) -> int:
+    """The body of `POST /v1/applications/{name}/scale`: `{"replicas": N}`, 0 <= N <= 1000; 422 otherwise."""
+    if not isinstance(body, dict) or set(body) != {"replicas"}:
+        raise ValidationFailed([{"field": "replicas", "message": "the body must be {\"replicas\": N} and nothing else"}])
+    replicas = body["replicas"]
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
+        raise ValidationFailed([{"field": "replicas", "message": f"must be an integer from 0 to {MAX_REPLICAS}"}])
+    return replicas
 
 
 def parse_wait(query: MultiMapping[str]) -> float | None:

@@ -14,7 +14,7 @@ from agent.api.context import TOKEN_SCOPES, engine_of
 from agent.api.intake import accept_request
 from agent.api.log_stream import get_logs
 from agent.api.openapi import openapi_document
-from agent.api.params import idempotency_key, parse_metadata_patch, read_json, refuse_body, request_hash
+from agent.api.params import idempotency_key, parse_metadata_patch, parse_replicas, read_json, refuse_body, request_hash
 from agent.api.polling import answer_deployment, answer_list
 from agent.api.schedule_routes import add_schedule_routes
 from agent.errors import Unavailable
@@ -42,6 +42,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/applications/{name}", get_application, allow_head=False)
     router.add_post("/v1/applications/{name}/stop", stop_application)
     router.add_post("/v1/applications/{name}/start", start_application)
+    router.add_post("/v1/applications/{name}/scale", scale_application)
     router.add_get("/v1/servers", list_servers, allow_head=False)
     router.add_get("/v1/servers/{name}", check_server, allow_head=False)
     router.add_get("/v1/openapi.json", get_openapi, allow_head=False)
@@ -143,8 +144,23 @@ async def start_application(request: web.Request) -> web.Response:
     return web.json_response(application_json(started), status=202)
 
 
+@requires(WRITE_SCOPE)
+async def scale_application(request: web.Request) -> web.Response:
+    """202 + the application: `{"replicas": N}` tasks of a swarm application's service."""
+    engine = engine_of(request)
+    replicas = parse_replicas(await read_json(request, engine.config.agent.max_body_bytes))
+    scaled = await engine.scale_application(request.match_info["name"], replicas)
+    return web.json_response(application_json(scaled), status=202)
+
+
 def application_json(app: ApplicationView) -> dict[str, Any]:
-    """The contract's application object."""
+    """The contract's application object (with `replicas` and `nodes` for a swarm application)."""
+    if app.replicas is not None:
+        return {**_application_fields(app), "replicas": dict(app.replicas), "nodes": list(app.nodes or ())}
+    return _application_fields(app)
+
+
+def _application_fields(app: ApplicationView) -> dict[str, Any]:
     return {
         "name": app.name,
         "current_deployment_id": app.deployment_id,

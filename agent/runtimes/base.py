@@ -19,7 +19,7 @@ class ReleaseSpec:
 
     deployment_id: str
     application: str
-    runtime: Literal["container", "process"]
+    runtime: Literal["container", "process", "swarm"]
     command: tuple[str, ...] | str | None
     env: Mapping[str, str]
     log_path: Path
@@ -41,7 +41,7 @@ class ReleaseSpec:
 class ReleaseHandle:
     """A started release; stored as JSON with its deployment so a restarted agent finds it again."""
 
-    runtime: Literal["container", "process"]
+    runtime: Literal["container", "process", "swarm"]
     deployment_id: str
     application: str
     # Where the agent reaches it: host address and application port → host port.

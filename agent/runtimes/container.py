@@ -8,7 +8,7 @@ release output and images. The event loop never waits on Docker.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from agent.config import DockerSettings
 from agent.logs import DEFAULT_POLICY, DeploymentLog, LogPolicy
@@ -54,6 +54,8 @@ __all__ = [
     "ReleaseContainer",
 ]
 
+
+T = TypeVar("T")
 
 class ContainerRuntime:
     """Runs build and release containers on one Docker engine, through the docker SDK on dedicated thread pools."""
@@ -102,6 +104,10 @@ class ContainerRuntime:
         Its log continues where it stopped; None when the container is gone (what is left is removed).
         """
         return await self._builds.reattach(job, log, on_found)
+
+    async def engine_call(self, action: str, function: Callable[[Any], T]) -> T:
+        """Runs `function(docker client)` on the engine's pool (for the swarm runtime, which shares this engine)."""
+        return await self._gateway.call(action, function)
 
     async def stop_deployment(self, deployment_id: str, grace_s: float) -> int:
         """Stops (SIGTERM, SIGKILL after `grace_s`) and removes the deployment's build and snapshot containers."""

@@ -107,6 +107,12 @@ class Target(Protocol):
     def may_be_away(self) -> bool:
         """Whether its place may be unreachable for a while (a remote server; see Place)."""
 
+    checks_health_itself: bool
+
+    async def converge(self, deployment: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> dict[str, Any] | None:
+        """Where `checks_health_itself`: waits until the release is healthy as its orchestrator sees it
+        (raises ReleaseUnhealthy otherwise) and returns its smoke_test."""
+
     # --- builds ---------------------------------------------------------------------------
 
     async def build(self, deployment: Deployment, log: DeploymentLog, watch: BuildWatch) -> Built:
@@ -193,9 +199,16 @@ class TargetBase:
         self.builder = builder
         self.kill_grace_s = kill_grace_s
 
+    # Whether the target itself knows when a release is healthy (Swarm checks inside its tasks):
+    # then the release manager waits on `converge` instead of probing the release from the agent.
+    checks_health_itself = False
+
     @property
     def may_be_away(self) -> bool:
         return self.place.may_be_away
+
+    async def converge(self, deployment: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> dict[str, Any] | None:
+        raise NotImplementedError
 
     async def runtime(self) -> ReleaseRuntime:
         """The runtime this target's releases run in."""

@@ -27,8 +27,10 @@ from agent.targets.local_process import LocalProcessTarget
 from agent.targets.remote_container import RemoteContainerTarget
 from agent.targets.remote_process import RemoteProcessTarget
 from agent.targets.server import RemoteServer
+from agent.targets.swarm import SwarmTarget
+from agent.runtimes.swarm import SwarmRuntime
 
-Kind = Literal["container", "process"]
+Kind = Literal["container", "process", "swarm"]
 
 
 class Targets:
@@ -62,6 +64,8 @@ class Targets:
         self._local: dict[Kind, Target] = {
             "container": LocalContainerTarget(config, containers, builder, self.kill_grace_s),
             "process": LocalProcessTarget(config, processes, containers, builder, self.kill_grace_s),
+            "swarm": SwarmTarget(config, containers, SwarmRuntime(containers, config.registry), builder,
+                                 self.kill_grace_s),
         }
         self._servers: dict[str, RemoteServer] = {}
         self._remote: dict[tuple[str, Kind, Kind], Target] = {}
@@ -112,6 +116,12 @@ class Targets:
     async def remove_leftovers(self, current: set[str]) -> int:
         """After a restart: removes what no deployment owns on this host (remote servers are not swept)."""
         return sum([await target.remove_leftovers(current) for target in self._local.values()])
+
+    def swarm(self) -> SwarmTarget:
+        """The target of swarm applications (this engine's swarm)."""
+        target = self._local["swarm"]
+        assert isinstance(target, SwarmTarget)
+        return target
 
     async def close(self) -> None:
         """Closes the runtimes of remote servers (their releases keep running)."""
@@ -167,4 +177,4 @@ class Targets:
         """Whether its build or its release runs in a container (a build here always does)."""
         spec = deployment.spec
         build = spec.build is not None and (deployment.server == LOCAL_SERVER or spec.build.runtime == "container")
-        return build or (spec.run is not None and spec.run.runtime == "container")
+        return build or (spec.run is not None and spec.run.runtime in ("container", "swarm"))

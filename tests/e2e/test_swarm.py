@@ -1,0 +1,154 @@
+"""Swarm applications on the real single-node swarm and the loopback registry that scripts/setup-machine.sh starts.
+
+This machine's kernel has no IPVS, so the routing mesh does not answer on published ports:
+each task is checked from inside (`docker exec` into its container), as Swarm's own health
+check does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import docker
+import pytest
+import requests
+
+from tests.e2e.conftest import AgentProcess
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+REGISTRY = "127.0.0.1:5000"
+FAST = {"type": "http", "path": "/", "interval_s": 1, "retries": 10}
+
+
+@pytest.fixture
+def swarm(docker_client: docker.DockerClient) -> Iterator[docker.DockerClient]:
+    if docker_client.info().get("Swarm", {}).get("LocalNodeState") != "active":
+        pytest.fail("no swarm: run scripts/setup-machine.sh (it initialises one)")
+    try:
+        requests.get(f"http://{REGISTRY}/v2/", timeout=2).raise_for_status()
+    except requests.RequestException as exc:
+        pytest.fail(f"no registry on {REGISTRY} ({exc}): run scripts/setup-machine.sh")
+    yield docker_client
+
+
+@pytest.fixture
+def swarm_agent(agent_factory, swarm: docker.DockerClient) -> Iterator[AgentProcess]:
+    agent = agent_factory("swarm", extra_toml=f'[registry]\nurl = "{REGISTRY}"\n')
+    yield agent
+    for service in swarm.services.list(filters={"label": "deploy-agent.application"}):
+        if service.attrs["Spec"]["Labels"].get("deploy-agent.deployment", "") in agent_ids(agent):
+            service.remove()
+
+
+def agent_ids(agent: AgentProcess) -> set[str]:
+    return {path.stem for path in (agent.state_dir / "logs").glob("dep_*.log")}
+
+
+def swarm_web(version: str, application: str, replicas: int = 2, **run: Any) -> dict[str, Any]:
+    return {
+        "application": application,
+        "build": {"image": "local/busybox", "command": f"echo {version} > /workspace/index.html"},
+        "run": {"runtime": "swarm", "replicas": replicas, "command": ["httpd", "-f", "-p", "8080", "-h", "/workspace"],
+                "port": 8080, **run},
+        "health_check": FAST,
+    }
+
+
+def pages(client: docker.DockerClient, application: str) -> list[str]:
+    """What each running task of the application's service serves, asked from inside its container."""
+    found = []
+    for container in client.containers.list(filters={"label": f"com.docker.swarm.service.name=deploy-agent-{application}"}):
+        try:
+            result = container.exec_run(["wget", "-q", "-O-", "http://127.0.0.1:8080/"])
+        except docker.errors.APIError:
+            continue  # a task that is being replaced
+        found.append(result.output.decode().strip() if result.exit_code == 0 else f"error {result.exit_code}")
+    return sorted(found)
+
+
+def eventually(check, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        time.sleep(0.5)
+
+
+def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
+    swarm_agent: AgentProcess, swarm: docker.DockerClient
+) -> None:
+    agent, app = swarm_agent, "swweb"
+    first = agent.wait_for(agent.submit(swarm_web("v1", app))["id"], timeout=120)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    assert first["pid"] is None and first["container_id"] is None
+    assert first["release_image"].startswith(f"{REGISTRY}/deploy-agent/{app}:")
+    assert first["url"] and first["url"].startswith("http://127.0.0.1:")
+    application = agent.request("GET", f"/v1/applications/{app}").json()
+    assert application["replicas"] == {"desired": 2, "running": 2, "healthy": 2} and application["nodes"]
+    assert pages(swarm, app) == ["v1", "v1"]
+    service = swarm.services.get(f"deploy-agent-{app}")
+    update = service.attrs["Spec"]["UpdateConfig"]
+    assert update["Order"] == "start-first" and update["FailureAction"] == "rollback"
+
+    second = agent.wait_for(agent.submit(swarm_web("v2", app))["id"], timeout=120)
+    assert second["status"] == "succeeded", agent.log(second["id"])
+    eventually(lambda: pages(swarm, app) == ["v2", "v2"])
+
+    # A release that never becomes healthy: Swarm rolls it back and v2 keeps serving.
+    broken = swarm_web("v3", app, command=["sh", "-c", "sleep 600"])
+    broken["health_check"] = {**FAST, "retries": 3}
+    failed = agent.wait_for(agent.submit(broken)["id"], timeout=180)
+    assert failed["status"] == "failed" and "rolled the service back" in failed["error"]["message"], failed
+    eventually(lambda: pages(swarm, app) == ["v2", "v2"])
+    assert agent.request("GET", f"/v1/applications/{app}").json()["current_deployment_id"] == second["id"]
+
+    scaled = agent.request("POST", f"/v1/applications/{app}/scale", json={"replicas": 3})
+    assert scaled.status_code == 202, scaled.text
+    eventually(lambda: pages(swarm, app) == ["v2", "v2", "v2"])
+    eventually(lambda: agent.request("GET", f"/v1/applications/{app}").json()["replicas"]["healthy"] == 3)
+    bad_scale = agent.request("POST", f"/v1/applications/{app}/scale", json={"replicas": -1})
+    assert bad_scale.status_code == 422
+
+    rollback = agent.request("POST", f"/v1/deployments/{first['id']}/rollback")
+    assert rollback.status_code == 201, rollback.text
+    rolled = agent.wait_for(rollback.json()["id"], timeout=120)
+    assert rolled["status"] == "succeeded", agent.log(rolled["id"])
+    eventually(lambda: pages(swarm, app) == ["v1", "v1"])
+
+    assert agent.request("POST", f"/v1/applications/{app}/stop").status_code == 202
+    eventually(lambda: pages(swarm, app) == [])
+    assert agent.request("POST", f"/v1/applications/{app}/start").status_code == 202
+    eventually(lambda: pages(swarm, app) == ["v1", "v1"])
+
+
+def test_a_kill_while_a_swarm_update_rolls_out_rolls_the_service_back(
+    swarm_agent: AgentProcess, swarm: docker.DockerClient
+) -> None:
+    agent, app = swarm_agent, "swkill"
+    first = agent.wait_for(agent.submit(swarm_web("k1", app))["id"], timeout=120)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    slow = swarm_web("k2", app)
+    slow["health_check"] = {**FAST, "start_period_s": 30}
+    rolling = agent.submit(slow)
+    agent.wait_for(rolling["id"], lambda d: d["stage"] == "health", timeout=120)
+    killed = agent.request("POST", f"/v1/deployments/{rolling['id']}/kill")
+    assert killed.status_code == 202 and killed.json()["status"] == "cancelled", killed.text
+    image = swarm.services.get(f"deploy-agent-{app}").attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    assert image.split("@")[0] == first["release_image"]
+    eventually(lambda: pages(swarm, app) == ["k1", "k1"])
+
+
+def test_swarm_requests_are_checked(agent_factory, swarm_agent: AgentProcess) -> None:
+    plain = agent_factory("no-registry")
+    refused = plain.request("POST", "/v1/deployments", json=swarm_web("x", "swcheck"))
+    assert refused.status_code == 422 and "[registry]" in refused.text, refused.text
+    container = {"application": "swcheck", "run": {"image": "local/busybox", "replicas": 2}}
+    assert swarm_agent.request("POST", "/v1/deployments", json=container).status_code == 422
+    constraints = swarm_web("x", "swcheck", constraints=["not a constraint"])
+    response = swarm_agent.request("POST", "/v1/deployments", json=constraints)
+    assert response.status_code == 422 and "run.constraints[0]" in response.text
+    scale = swarm_agent.request("POST", "/v1/applications/nothing/scale", json={"replicas": 2})
+    assert scale.status_code == 404
