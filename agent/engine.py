@@ -138,12 +138,19 @@ class Engine:
         `agent_restarted`, as is a deployment left `deploying` (unless its release was already in service).
         """
         interrupted = await self.store.with_status("building", "deploying")
-        reconciled = await self.releases.reconcile([d for d in interrupted if d.status == "deploying"])
+        # A rollout its orchestrator carries on alone (a swarm update) is watched to its end, not undone.
+        rolling = {d.id for d in interrupted if d.status == "deploying" and d.release is not None
+                   and self.targets.for_deployment(d).checks_health_itself}
+        reconciled = await self.releases.reconcile(
+            [d for d in interrupted if d.status == "deploying" and d.id not in rolling]
+        )
         adopted: list[RunningDeployment] = []
         for deployment in interrupted:
             if deployment.id in self._running:
                 continue  # taken back by an earlier pass that failed later
-            if deployment.status == "building" and self.targets.for_deployment(deployment).reattaches_builds:
+            if deployment.id in rolling or (
+                deployment.status == "building" and self.targets.for_deployment(deployment).reattaches_builds
+            ):
                 adopted.append(self._start(deployment, resume=True))
                 continue
             with structlog.contextvars.bound_contextvars(deployment_id=deployment.id):

@@ -168,6 +168,35 @@ class ReleaseManager:
                 "stage": None,
             }
 
+    async def resume_rollout(self, deployment: Deployment, target: Target, log: DeploymentLog) -> dict[str, Any]:
+        """After a restart: watches a rollout its orchestrator carries on by itself (a swarm update) to its
+        end, then switches and finishes as `deploy` does; a failure or a kill meanwhile is undone as there."""
+        assert deployment.release is not None
+        handle = ReleaseHandle.from_dict(deployment.release)
+        async with self.lock(deployment.application):
+            previous = await self._current_release(deployment.application)
+            serving = previous if previous is not None and previous.running else None
+            log.agent("recovery", "the agent restarted during the rollout; watching it to its end")
+            switched = False
+            try:
+                smoke_test = await target.converge(deployment, handle, log)
+                await target.promote(handle)
+                await self.store.update(deployment.id, smoke_test=smoke_test)
+                if serving is not None:
+                    switched = True
+                    await self._switch(deployment, log)
+                    await self._drain(serving, log)
+            except BaseException:
+                await _to_the_end(self._undo(deployment, target, handle, previous, False, switched, log))
+                raise
+            image = deployment.release_image
+            await self._finish_uninterrupted(
+                self._finish(deployment, target, previous, switched=switched, log=log, image=image)
+            )
+            now = await self.store.get(deployment.id)
+            return {"pid": None, "container_id": None, "url": now.url, "smoke_test": smoke_test,
+                    "release": handle.to_dict(), "release_image": image, "stage": None}
+
     async def _finish_uninterrupted(self, work: Awaitable[None]) -> None:
         """Finishes `work` even when this task is cancelled meanwhile; such a cancellation is then spent."""
         cancels = await _to_the_end(work)

@@ -105,9 +105,31 @@ class Worker:
     async def resume(self, deployment: Deployment, running: RunningDeployment) -> None:
         """After a restart: takes an interrupted build back and carries the deployment on from there, as carry_out does.
 
-        A build whose work vanished while the agent was away ends `failed` with `lost`.
+        A build whose work vanished while the agent was away ends `failed` with `lost`. A rollout
+        that goes on by itself (a swarm update) is watched to its end instead.
         """
+        if deployment.status == "deploying":
+            await self._watch_rollout(deployment, running)
+            return
         await self._carry_on(deployment, running, resumed=True)
+
+    async def _watch_rollout(self, deployment: Deployment, running: RunningDeployment) -> None:
+        target = self.targets.for_deployment(deployment)
+        log = self.open_log(deployment)
+        running.phase = "deploying"
+        running.work_known.set()
+        try:
+            fields = await self.releases.resume_rollout(deployment, target, log)
+            log.agent("done", "deployment succeeded")
+            await self.set_status(deployment.id, "succeeded", **fields)
+        except (asyncio.CancelledError, StopRequested):
+            await self._end_stopped(deployment, running, log)
+        except Exception as exc:  # noqa: BLE001 - any surprise still ends the deployment
+            failure = as_agent_error(exc)
+            log.agent("done", f"deployment failed: {failure.message}")
+            await self.set_status(deployment.id, "failed", **failure.failure_fields())
+        finally:
+            log.close()
 
     async def _carry_on(self, deployment: Deployment, running: RunningDeployment, *, resumed: bool) -> None:
         """Build (or, `resumed`, the interrupted build taken back), release, retention, final status."""

@@ -98,7 +98,11 @@ class SwarmTarget(ContainerTarget):
         """After a restart: what the deployment asked of its service, for watching its rollout to the end."""
         run = deployment.spec.run
         assert run is not None
-        image = deployment.release_image or run.image or ""
+        # The image prepare_release gave it: a registry one as requested, else the one it pushed.
+        if deployment.spec.build is None and run.image is not None and self._in_registry(run.image):
+            image = run.image
+        else:
+            image = self.swarm.registry_image(deployment.application, deployment.release_from or deployment.id)
         return SwarmRelease(
             deployment_id=deployment.id, application=deployment.application, image=image, command=run.command,
             env=dict(run.env), replicas=1 if run.replicas is None else run.replicas, port=run.port,

@@ -152,3 +152,24 @@ def test_swarm_requests_are_checked(agent_factory, swarm_agent: AgentProcess) ->
     assert response.status_code == 422 and "run.constraints[0]" in response.text
     scale = swarm_agent.request("POST", "/v1/applications/nothing/scale", json={"replicas": 2})
     assert scale.status_code == 404
+
+
+def test_an_agent_restart_during_a_swarm_update_watches_it_to_its_end(
+    swarm_agent: AgentProcess, swarm: docker.DockerClient
+) -> None:
+    import signal
+
+    agent, app = swarm_agent, "swrestart"
+    first = agent.wait_for(agent.submit(swarm_web("r1", app))["id"], timeout=120)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    slow = swarm_web("r2", app)
+    slow["health_check"] = {**FAST, "start_period_s": 8}
+    rolling = agent.submit(slow)
+    agent.wait_for(rolling["id"], lambda d: d["stage"] == "health", timeout=120)
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    agent.start()
+    final = agent.wait_for(rolling["id"], timeout=180)
+    assert final["status"] == "succeeded", agent.log(rolling["id"])
+    assert "watching it to its end" in agent.log(rolling["id"])
+    eventually(lambda: pages(swarm, app) == ["r2", "r2"])
+    assert agent.request("GET", f"/v1/applications/{app}").json()["current_deployment_id"] == rolling["id"]
