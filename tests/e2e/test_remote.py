@@ -376,7 +376,8 @@ def test_a_remote_release_container_never_recorded_is_removed_after_a_restart(
     agent = remote_agent(agent_factory, ("edge", sshd))
     body = {**web_request("u2", application="unrecorded-c", health={"start_period_s": 60}), "server": "edge"}
     checking = agent.submit(body)
-    agent.wait_for(checking["id"], lambda d: d["status"] == "deploying" and d["container_id"], timeout=90)
+    # Its release container started and recorded (at `deploying` the id may still be the build's).
+    agent.wait_for(checking["id"], lambda d: d["stage"] == "health" and d["container_id"], timeout=90)
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
     with sqlite3.connect(agent.state_dir / "agent.db") as db:
         db.execute("UPDATE deployments SET release = NULL, container_id = NULL, pid = NULL, url = NULL WHERE id = ?",
