@@ -369,7 +369,7 @@ class Store:
         self, now: dt.datetime, make_run: MakeRun, after_downtime: bool, limit: int, max_queued: int | None
     ) -> list[Deployment]:
         runs = []
-        for schedule in schedule_rows.due(self._db, _stamp(now), limit):
+        for schedule in schedule_rows.due(self._db, format_time(now), limit):
             trigger = plan_trigger(schedule, now, after_downtime=after_downtime)
             if trigger is None:
                 continue
@@ -389,7 +389,7 @@ class Store:
 
     def _fire_retries(self, now: dt.datetime, make_run: MakeRun, limit: int) -> list[Deployment]:
         runs = []
-        for retry in schedule_rows.due_retries(self._db, _stamp(now), limit):
+        for retry in schedule_rows.due_retries(self._db, format_time(now), limit):
             schedule_rows.drop_retry(self._db, retry.deployment_id)
             try:
                 schedule = schedule_rows.get(self._db, retry.schedule_id)
@@ -425,7 +425,7 @@ class Store:
             schedule_rows.drop_retries(self._db, schedule.id)
         elif end.retry_due is not None:
             schedule_rows.add_retry(self._db, schedule_rows.Retry(run.id, schedule.id, attempt + 1,
-                                                                  _stamp(end.retry_due)))
+                                                                  format_time(end.retry_due)))
         schedule_rows.write(self._db, changed)
 
     def _transaction(self, work: Callable[[], T]) -> T:
@@ -831,10 +831,6 @@ def _transition_values(current: Deployment, status: str, fields: dict[str, Any])
         if current.started_at is None and status == "succeeded":
             values["started_at"] = now
     return values
-
-
-def _stamp(moment: dt.datetime) -> str:
-    return format_time(moment)
 
 
 def _advanced(schedule: Schedule, trigger: Trigger, stats: Any) -> Schedule:

@@ -58,12 +58,7 @@ class SwarmTarget(ContainerTarget):
             raise RuntimeFailure("a swarm release needs an image")
         if is_built_image(image) or not self._in_registry(image):
             image = await self.swarm.push(image, deployment.application, deployment.release_from or deployment.id, log)
-        self._releases[deployment.id] = SwarmRelease(
-            deployment_id=deployment.id, application=deployment.application, image=image, command=run.command,
-            env=dict(run.env), replicas=1 if run.replicas is None else run.replicas, port=run.port,
-            host_port=run.host_port, constraints=run.constraints, health_check=deployment.spec.health_check,
-            memory=run.memory or self.config.docker.release_memory_bytes, cpus=run.cpus or self.config.docker.release_cpus,
-        )
+        self._releases[deployment.id] = self._swarm_release(deployment, image)
         return ReleaseSpec(
             deployment_id=deployment.id, application=deployment.application, runtime="swarm", command=run.command,
             env=dict(run.env), log_path=Path(deployment.log_path), ports=(run.port,) if run.port else (), image=image,
@@ -103,10 +98,17 @@ class SwarmTarget(ContainerTarget):
             image = run.image
         else:
             image = self.swarm.registry_image(deployment.application, deployment.release_from or deployment.id)
+        return self._swarm_release(deployment, image)
+
+    def _swarm_release(self, deployment: Deployment, image: str) -> SwarmRelease:
+        """What the deployment asks of its service, at `image`."""
+        run = deployment.spec.run
+        assert run is not None
         return SwarmRelease(
             deployment_id=deployment.id, application=deployment.application, image=image, command=run.command,
-            env=dict(run.env), replicas=1 if run.replicas is None else run.replicas, port=run.port,
-            host_port=run.host_port, constraints=run.constraints, health_check=deployment.spec.health_check,
+            env=dict(run.env), replicas=_replicas_of(run), port=run.port, host_port=run.host_port,
+            constraints=run.constraints, health_check=deployment.spec.health_check,
+            memory=run.memory or self.config.docker.release_memory_bytes, cpus=run.cpus or self.config.docker.release_cpus,
         )
 
     async def release_state(self, handle: ReleaseHandle) -> ReleaseState:
@@ -133,8 +135,7 @@ class SwarmTarget(ContainerTarget):
         await self.swarm.scale(handle.application, 0)
 
     async def resume_release(self, deployment: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> ReleaseHandle:
-        run = deployment.spec.run
-        replicas = 1 if run is None or run.replicas is None else run.replicas
+        replicas = _replicas_of(deployment.spec.run)
         await self.swarm.scale(handle.application, replicas)
         log.agent(RELEASE_STAGE, f"service {service_name(handle.application)} scaled back to {replicas}")
         return _handle(handle.deployment_id, handle.application, await self.swarm.state(handle.application))
@@ -172,6 +173,10 @@ class SwarmTarget(ContainerTarget):
 
     async def scale(self, application: str, replicas: int) -> None:
         await self.swarm.scale(application, replicas)
+
+
+def _replicas_of(run: RunSpec | None) -> int:
+    return 1 if run is None or run.replicas is None else run.replicas
 
 
 def _handle(deployment_id: str, application: str, state: ServiceState) -> ReleaseHandle:
