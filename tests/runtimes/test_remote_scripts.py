@@ -160,6 +160,19 @@ def test_release_script_runs_the_supervised_command_with_hostile_values(tmp_path
     assert not list(tmp_path.rglob("pwned"))
 
 
+def test_release_script_reports_the_pid_only_once_it_leads_its_group(tmp_path: Path) -> None:
+    """When the marker is printed, setsid has run: a kill of group $pid right away finds it."""
+    for attempt in range(30):
+        run_dir = tmp_path / f"run{attempt}"
+        result = run_sh(release_script(str(tmp_path), {}, ("sleep", "30"), str(run_dir)), tmp_path, stdin=b"")
+        assert result.returncode == 0, result.stderr
+        pid = int(result.stdout.decode().split()[1])
+        try:
+            assert os.getpgid(pid) == pid, f"attempt {attempt}"
+        finally:
+            os.killpg(pid, signal.SIGKILL)
+
+
 # -- kill, state and housekeeping scripts --------------------------------------------------------
 
 

@@ -193,11 +193,19 @@ def release_script(
         f'setsid /bin/sh -c {shlex.quote(SUPERVISOR_SCRIPT)} deploy-agent-supervisor "$_da_run" {target}'
         ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr" &',
         "_da_pid=$!",
-        # The child may have ended already; unreaped, its stat is still there.
-        '{ read -r _da_stat < "/proc/$_da_pid/stat"; } || exit 126',
-        "_da_stat=${_da_stat##*) }",
         "IFS=' '",
-        "set -- $_da_stat",
+        # The pid is reported only once setsid has made it a group leader (or it has ended): a
+        # kill of group $pid right after the report must find the group. The child may have
+        # ended already; unreaped, its stat is still there. Builtins only, so the wait is short.
+        "_da_tries=0",
+        "while :; do",
+        '  { read -r _da_stat < "/proc/$_da_pid/stat"; } || exit 126',
+        "  _da_stat=${_da_stat##*) }",
+        "  set -- $_da_stat",
+        '  [ "$3" = "$_da_pid" ] || [ "$1" = Z ] && break',
+        "  _da_tries=$((_da_tries + 1))",
+        '  [ "$_da_tries" -lt 20000 ] || break',
+        "done",
         f'echo "{MARKER} $_da_pid ${{20}}"',
     ]
     return sh_command("\n".join(lines))
