@@ -144,9 +144,11 @@ def next_due(db: sqlite3.Connection) -> str | None:
 
 
 def in_progress_runs(db: sqlite3.Connection, schedule_id: str) -> int:
+    """Runs of the schedule in progress, a failed one waiting for its retry included (it is not over yet)."""
     (count,) = db.execute(
-        "SELECT COUNT(*) FROM deployments WHERE schedule_id = ? AND status IN ('queued', 'building', 'deploying')",
-        (schedule_id,),
+        "SELECT (SELECT COUNT(*) FROM deployments WHERE schedule_id = ? AND status IN ('queued', 'building', 'deploying'))"
+        " + (SELECT COUNT(*) FROM schedule_retries WHERE schedule_id = ?)",
+        (schedule_id, schedule_id),
     ).fetchone()
     return int(count)
 

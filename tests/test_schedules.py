@@ -136,6 +136,25 @@ async def test_a_failed_run_is_retried_as_a_new_run_linked_to_it(store: Store, c
     assert (stats.total_runs, stats.total_failures, stats.consecutive_failures) == (2, 2, 2)
 
 
+async def test_a_run_waiting_for_its_retry_is_still_in_progress_for_max_concurrent(store: Store, clock: Clock) -> None:
+    """A trigger between a failure and its retry is skipped: the run and its retry never overlap the next run."""
+    clock.now = start = dt.datetime.now(UTC)
+    schedules = schedules_on(store, clock)
+    schedule_id = await create(schedules, every_s=60, max_concurrent=1, max_retries=1, retry_backoff_s=200.0)
+    clock.now = start + dt.timedelta(seconds=60)
+    await schedules.fire_due()
+    (first,) = await runs_of(store, schedule_id)
+    await fail(store, first)
+    clock.now = start + dt.timedelta(seconds=120)
+    await schedules.fire_due()  # the retry is due at about start + 200
+    assert [run.id for run in await runs_of(store, schedule_id)] == [first.id]
+    assert (await schedules.get(schedule_id)).stats.skipped_runs == 1
+    clock.now = start + dt.timedelta(seconds=205)
+    await schedules.fire_due()
+    retry, _ = await runs_of(store, schedule_id)
+    assert retry.retry_of == first.id
+
+
 async def test_the_schedule_pauses_itself_after_consecutive_failures_and_resumes_afresh(
     store: Store, clock: Clock
 ) -> None:

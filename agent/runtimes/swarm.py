@@ -11,6 +11,7 @@ is a routing of our own: the published port is Swarm's routing mesh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from agent.logs import DeploymentLog
 from agent.models import HealthCheckSpec
 from agent.runtimes.base import RELEASE_STAGE
 from agent.runtimes.container import ContainerRuntime
+from agent.runtimes.registry import RegistryApi
+from agent.runtimes.swarm_logs import ResumePoint, TaskLogCopier
 
 logger = structlog.get_logger("agent.swarm")
 
@@ -32,6 +35,8 @@ SERVICE_PREFIX = "deploy-agent-"
 REPOSITORY = "deploy-agent"
 APPLICATION_LABEL = "deploy-agent.application"
 DEPLOYMENT_LABEL = "deploy-agent.deployment"
+# On a stopped service: how many replicas it had, for the next start.
+STOPPED_REPLICAS_LABEL = "deploy-agent.stopped-replicas"
 POLL_S = 0.5
 # How long Swarm watches each updated task before it counts as good (start-first, then rollback).
 MONITOR_S = 5.0
@@ -106,6 +111,17 @@ class SwarmRuntime:
 
         await self.containers.engine_call(f"pushing {target}", push)
         return target
+
+    async def prune_registry(self, application: str, keep: set[str]) -> list[str]:
+        """Deletes the application's release images from the registry but `keep` (references); returns those deleted."""
+        if self.registry is None:
+            return []
+        prefix = f"{self.registry.url}/{REPOSITORY}/{application}:"
+        keep_tags = {image.split("@", 1)[0][len(prefix):] for image in keep if image.startswith(prefix)}
+        result = await RegistryApi(self.registry).prune(f"{REPOSITORY}/{application}", keep_tags)
+        if result.refused is not None:
+            logger.warning("old release images stay in the registry", application=application, reason=result.refused)
+        return result.removed
 
     def _auth(self) -> dict[str, str] | None:
         if self.registry is None or self.registry.username is None:
@@ -211,12 +227,29 @@ class SwarmRuntime:
 
         return await self.containers.engine_call(f"reading service {name}", read)
 
-    async def converge(self, release: SwarmRelease, timeout_s: float, log: DeploymentLog) -> ServiceState:
+    async def converge(
+        self, release: SwarmRelease, timeout_s: float, log: DeploymentLog, logs_from: ResumePoint
+    ) -> ServiceState:
         """Waits until every replica runs the release's image and is healthy; ReleaseUnhealthy when Swarm
-        rolled the update back, or when it did not converge within `timeout_s`."""
+        rolled the update back, or when it did not converge within `timeout_s`.
+
+        Meanwhile the tasks' output from `logs_from` on is copied into the log.
+        """
+        copier = TaskLogCopier(service_name(release.application), log, logs_from)
+        try:
+            return await self._converge(release, timeout_s, log, copier)
+        finally:
+            # The last lines (a crash's reason, the end of a health check) before the verdict's.
+            with contextlib.suppress(Exception):
+                await copier.copy_new(self.containers.engine_call)
+
+    async def _converge(
+        self, release: SwarmRelease, timeout_s: float, log: DeploymentLog, copier: TaskLogCopier
+    ) -> ServiceState:
         deadline = time.monotonic() + timeout_s
         last_note = ""
         while True:
+            await copier.copy_new(self.containers.engine_call)
             state = await self.state(release.application)
             if not state.exists:
                 raise ReleaseUnhealthy(f"service {service_name(release.application)} is gone")
@@ -281,6 +314,39 @@ class SwarmRuntime:
 
         await self.containers.engine_call(f"scaling service {name}", apply)
 
+    async def stop(self, application: str) -> None:
+        """Scales the service to zero, keeping its replica count (a `scale` since the deployment included) for `start`."""
+        name = service_name(application)
+
+        def apply(client: docker.DockerClient) -> None:
+            service = _service_or_none(client, name)
+            if service is None:
+                raise RuntimeFailure(f"service {name} does not exist")
+            spec = service.attrs["Spec"]
+            replicas = int(((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
+            labels = dict(spec.get("Labels") or {})
+            if replicas > 0:
+                labels[STOPPED_REPLICAS_LABEL] = str(replicas)
+            service.update(mode=docker.types.ServiceMode("replicated", replicas=0), labels=labels)
+
+        await self.containers.engine_call(f"stopping service {name}", apply)
+
+    async def start(self, application: str, default_replicas: int) -> int:
+        """Scales a stopped service back to the count it had; `default_replicas` if none was kept. Returns it."""
+        name = service_name(application)
+
+        def apply(client: docker.DockerClient) -> int:
+            service = _service_or_none(client, name)
+            if service is None:
+                raise RuntimeFailure(f"service {name} does not exist")
+            labels = dict(service.attrs["Spec"].get("Labels") or {})
+            kept = labels.pop(STOPPED_REPLICAS_LABEL, None)
+            replicas = int(kept) if kept and kept.isdigit() else default_replicas
+            service.update(mode=docker.types.ServiceMode("replicated", replicas=replicas), labels=labels)
+            return replicas
+
+        return await self.containers.engine_call(f"starting service {name}", apply)
+
     async def remove(self, application: str) -> None:
         name = service_name(application)
 
@@ -290,19 +356,6 @@ class SwarmRuntime:
                 service.remove()
 
         await self.containers.engine_call(f"removing service {name}", remove)
-
-    async def logs_since(self, application: str, since: float) -> list[str]:
-        """The service's task output since `since` (unix seconds), as lines."""
-        name = service_name(application)
-
-        def read(client: docker.DockerClient) -> list[str]:
-            service = _service_or_none(client, name)
-            if service is None:
-                return []
-            raw = b"".join(service.logs(stdout=True, stderr=True, since=int(since), follow=False))
-            return raw.decode("utf-8", "replace").splitlines()
-
-        return await self.containers.engine_call(f"reading the logs of {name}", read)
 
 
 def _healthcheck(release: SwarmRelease) -> docker.types.Healthcheck | None:

@@ -11,7 +11,9 @@ previous spec, or removes it when it was the first. A swarm release has no pid a
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,17 @@ from agent.config import Config
 from agent.errors import RuntimeFailure
 from agent.health import HealthTarget
 from agent.logs import DeploymentLog, LogPolicy
-from agent.models import Deployment, RunSpec, format_time
+from agent.models import Deployment, RunSpec, format_time, parse_time
 from agent.runtimes.base import RELEASE_STAGE, ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.container import ContainerRuntime
 from agent.runtimes.swarm import ServiceState, SwarmRelease, SwarmRuntime, service_name
+from agent.runtimes.swarm_logs import ResumePoint, resume_point
 from agent.targets.base import LOOPBACK_ADDRESS, Builder, ThisHost
 from agent.targets.container import ContainerTarget, is_built_image, prune_release_images
 
 # Beyond its health check's own budget, how long a rollout may take (pulls, start-first overlap).
 ROLLOUT_MARGIN_S = 120.0
+PORT_WAIT_S = 10.0
 
 
 class SwarmTarget(ContainerTarget):
@@ -42,6 +46,7 @@ class SwarmTarget(ContainerTarget):
         self.containers = containers
         self.swarm = swarm
         self._releases: dict[str, SwarmRelease] = {}
+        self._rolled_out_at: dict[str, float] = {}  # unix seconds the service update was asked for
 
     async def docker(self) -> ContainerRuntime:
         return self.containers
@@ -71,8 +76,14 @@ class SwarmTarget(ContainerTarget):
     async def start_release(self, spec: ReleaseSpec, log: DeploymentLog) -> ReleaseHandle:
         """Creates or updates the service; returns at once (Swarm rolls out; `converge` waits for it)."""
         release = self._releases[spec.deployment_id]
+        self._rolled_out_at[spec.deployment_id] = time.time()
         await self.swarm.deploy(release, log)
         state = await self.swarm.state(release.application)
+        # Swarm allocates a published port just after the create call returns: the URL needs it.
+        deadline = time.monotonic() + PORT_WAIT_S
+        while release.port is not None and release.port not in state.published and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            state = await self.swarm.state(release.application)
         return _handle(release.deployment_id, release.application, state)
 
     async def converge(self, deployment: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> dict[str, Any]:
@@ -83,7 +94,14 @@ class SwarmTarget(ContainerTarget):
         if check is not None:
             budget += check.start_period_s + check.retries * (check.interval_s + check.timeout_s)
         began = format_time(_now())
-        state = await self.swarm.converge(release, budget * max(1, release.replicas), log)
+        started = self._rolled_out_at.pop(deployment.id, None)
+        if started is not None:
+            logs_from = ResumePoint(started)
+        else:
+            # Re-adopted after a restart: the tasks' output continues where the log stopped.
+            fallback = parse_time(deployment.started_at).timestamp() if deployment.started_at else time.time()
+            logs_from = await asyncio.to_thread(resume_point, Path(deployment.log_path), fallback)
+        state = await self.swarm.converge(release, budget * max(1, release.replicas), log, logs_from)
         nodes = ", ".join(state.nodes) or "no node"
         log.agent("health", f"every replica runs {release.image} and is healthy (on {nodes})")
         return {"passed": True, "url": None, "errors": [], "duration_ms": 0, "tested_at": began,
@@ -126,17 +144,17 @@ class SwarmTarget(ContainerTarget):
 
     async def promote(self, handle: ReleaseHandle) -> None:
         self._releases.pop(handle.deployment_id, None)
+        self._rolled_out_at.pop(handle.deployment_id, None)
 
     async def last_output(self, handle: ReleaseHandle, lines: int) -> list[str]:
         return []
 
     async def stop_release(self, handle: ReleaseHandle) -> None:
         """Out of service: the service scaled to zero (started again by `resume_release`)."""
-        await self.swarm.scale(handle.application, 0)
+        await self.swarm.stop(handle.application)
 
     async def resume_release(self, deployment: Deployment, handle: ReleaseHandle, log: DeploymentLog) -> ReleaseHandle:
-        replicas = _replicas_of(deployment.spec.run)
-        await self.swarm.scale(handle.application, replicas)
+        replicas = await self.swarm.start(handle.application, _replicas_of(deployment.spec.run))
         log.agent(RELEASE_STAGE, f"service {service_name(handle.application)} scaled back to {replicas}")
         return _handle(handle.deployment_id, handle.application, await self.swarm.state(handle.application))
 
@@ -144,6 +162,7 @@ class SwarmTarget(ContainerTarget):
         """The deployment's release undone: the service rolled back, or removed if it was its first;
         nothing when the service has since moved on to another deployment (a replaced release)."""
         self._releases.pop(handle.deployment_id, None)
+        self._rolled_out_at.pop(handle.deployment_id, None)
         await self.swarm.roll_back(handle.application, handle.deployment_id)
 
     async def reattach_release(self, deployment: Deployment, handle: ReleaseHandle, policy: LogPolicy) -> ReleaseHandle:
@@ -153,12 +172,18 @@ class SwarmTarget(ContainerTarget):
         raise RuntimeFailure("a swarm release is resumed by scaling its service back")
 
     async def can_bring_back(self, deployment: Deployment) -> bool:
+        # Only what the registry has: the other nodes pull from there.
         image = deployment.release_image
-        return image is not None and (await self.swarm.image_in_registry(image)
-                                      or await self.containers.image_exists(image))
+        return image is not None and await self.swarm.image_in_registry(image)
 
     async def prune_images(self, application: str, keep: set[str], recorded: set[str]) -> list[str]:
-        return await prune_release_images(self.containers, application, keep)
+        """Old release images go from this engine and from the registry (whose layers its garbage collection frees)."""
+        removed = await prune_release_images(self.containers, application, keep)
+        for image in await self.swarm.prune_registry(application, keep):
+            await self.containers.remove_image(image)  # the local tag the push left
+            if image not in removed:
+                removed.append(image)
+        return removed
 
     async def remove_release_files(self, deployment: Deployment, kept_origins: set[str]) -> None:
         return None

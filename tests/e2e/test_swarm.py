@@ -7,6 +7,7 @@ check does.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Iterator
 
@@ -49,7 +50,9 @@ def swarm_web(version: str, application: str, replicas: int = 2, **run: Any) -> 
     return {
         "application": application,
         "build": {"image": "local/busybox", "command": f"echo {version} > /workspace/index.html"},
-        "run": {"runtime": "swarm", "replicas": replicas, "command": ["httpd", "-f", "-p", "8080", "-h", "/workspace"],
+        "run": {"runtime": "swarm", "replicas": replicas,
+                "command": ["sh", "-c", "echo serving $(cat /workspace/index.html); echo ready >&2; "
+                            "exec httpd -f -p 8080 -h /workspace"],
                 "port": 8080, **run},
         "health_check": FAST,
     }
@@ -65,6 +68,55 @@ def pages(client: docker.DockerClient, application: str) -> list[str]:
             continue  # a task that is being replaced
         found.append(result.output.decode().strip() if result.exit_code == 0 else f"error {result.exit_code}")
     return sorted(found)
+
+
+class TaskPoller:
+    """A client of the application during an update: asks every task Swarm has in service, ten times a second.
+
+    Without IPVS the routing mesh does not answer here, so each request goes from inside a task
+    that Swarm counts running (healthy, as its check gates that state), which is where the mesh
+    would send it. A request fails when no task is in service, or when one in service does not
+    answer (unless Swarm took it out of service meanwhile).
+    """
+
+    def __init__(self, client: docker.DockerClient, application: str) -> None:
+        self.client, self.service = client, f"deploy-agent-{application}"
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TaskPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _in_service(self) -> list[dict[str, Any]]:
+        tasks = self.client.api.tasks(filters={"service": self.service, "desired-state": "running"})
+        return [task for task in tasks if task["Status"]["State"] == "running"]
+
+    def _run(self) -> None:
+        while not self._done.wait(0.1):
+            tasks = self._in_service()
+            if not tasks:
+                self.failures.append("no task in service")
+                continue
+            for task in tasks:
+                answer = self._ask(task["Status"]["ContainerStatus"]["ContainerID"])
+                if answer is not None:
+                    self.answers.append(answer)
+                elif task["ID"] in {t["ID"] for t in self._in_service()}:
+                    self.failures.append(f"task {task['Slot']} in service did not answer")
+
+    def _ask(self, container_id: str) -> str | None:
+        try:
+            result = self.client.containers.get(container_id).exec_run(["wget", "-q", "-O-", "http://127.0.0.1:8080/"])
+        except docker.errors.APIError:
+            return None
+        return result.output.decode().strip() if result.exit_code == 0 else None
 
 
 def eventually(check, timeout: float = 60) -> Any:
@@ -89,12 +141,22 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
     application = agent.request("GET", f"/v1/applications/{app}").json()
     assert application["replicas"] == {"desired": 2, "running": 2, "healthy": 2} and application["nodes"]
     assert pages(swarm, app) == ["v1", "v1"]
+    # Each task's output is in the deployment log, by slot and stream, before the verdict.
+    log = agent.log(first["id"])
+    for slot in (1, 2):
+        assert f"release stdout | task {slot}: serving v1" in log, log
+        assert f"release stderr | task {slot}: ready" in log, log
+    assert log.index("task 1: serving v1") < log.index("is healthy")
     service = swarm.services.get(f"deploy-agent-{app}")
     update = service.attrs["Spec"]["UpdateConfig"]
     assert update["Order"] == "start-first" and update["FailureAction"] == "rollback"
 
-    second = agent.wait_for(agent.submit(swarm_web("v2", app))["id"], timeout=120)
+    # Start-first: while v2 rolls out, every request is answered, first by v1, then by v2.
+    with TaskPoller(swarm, app) as poller:
+        second = agent.wait_for(agent.submit(swarm_web("v2", app))["id"], timeout=120)
     assert second["status"] == "succeeded", agent.log(second["id"])
+    assert poller.failures == [], poller.failures
+    assert {"v1", "v2"} <= set(poller.answers) and poller.answers[-1] == "v2"
     eventually(lambda: pages(swarm, app) == ["v2", "v2"])
 
     # A release that never becomes healthy: Swarm rolls it back and v2 keeps serving.
@@ -122,6 +184,14 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
     eventually(lambda: pages(swarm, app) == [])
     assert agent.request("POST", f"/v1/applications/{app}/start").status_code == 202
     eventually(lambda: pages(swarm, app) == ["v1", "v1"])
+
+    # A start brings back the count the service had when stopped, a scale since included.
+    assert agent.request("POST", f"/v1/applications/{app}/scale", json={"replicas": 3}).status_code == 202
+    eventually(lambda: pages(swarm, app) == ["v1", "v1", "v1"])
+    assert agent.request("POST", f"/v1/applications/{app}/stop").status_code == 202
+    eventually(lambda: pages(swarm, app) == [])
+    assert agent.request("POST", f"/v1/applications/{app}/start").status_code == 202
+    eventually(lambda: pages(swarm, app) == ["v1", "v1", "v1"])
 
 
 def test_a_kill_while_a_swarm_update_rolls_out_rolls_the_service_back(
@@ -170,6 +240,34 @@ def test_an_agent_restart_during_a_swarm_update_watches_it_to_its_end(
     agent.start()
     final = agent.wait_for(rolling["id"], timeout=180)
     assert final["status"] == "succeeded", agent.log(rolling["id"])
-    assert "watching it to its end" in agent.log(rolling["id"])
+    log = agent.log(rolling["id"])
+    assert "watching it to its end" in log
+    # Output of the new tasks while the agent was away is there, and none of it twice.
+    for slot in (1, 2):
+        assert log.count(f"task {slot}: serving r2") == 1, log
     eventually(lambda: pages(swarm, app) == ["r2", "r2"])
     assert agent.request("GET", f"/v1/applications/{app}").json()["current_deployment_id"] == rolling["id"]
+
+
+def test_retention_prunes_old_release_images_from_the_registry(
+    agent_factory, swarm: docker.DockerClient
+) -> None:
+    agent = agent_factory("swarm-prune", extra_toml=f'[registry]\nurl = "{REGISTRY}"\n', releases={"retention": 2})
+    app = "swprune"
+    try:
+        ids = []
+        for version in ("p1", "p2", "p3"):
+            done = agent.wait_for(agent.submit(swarm_web(version, app, replicas=1))["id"], timeout=120)
+            assert done["status"] == "succeeded", agent.log(done["id"])
+            ids.append(done["id"])
+        tags = requests.get(f"http://{REGISTRY}/v2/deploy-agent/{app}/tags/list", timeout=5).json()["tags"] or []
+        assert sorted(tags) == sorted(ids[1:]), tags
+        assert f"{REGISTRY}/deploy-agent/{app}:{ids[0]}" in agent.log(ids[2])
+        # What was pruned cannot be rolled back to; what is kept can.
+        assert agent.request("POST", f"/v1/deployments/{ids[0]}/rollback").status_code == 409
+        rolled = agent.wait_for(agent.request("POST", f"/v1/deployments/{ids[1]}/rollback").json()["id"], timeout=120)
+        assert rolled["status"] == "succeeded", agent.log(rolled["id"])
+        eventually(lambda: pages(swarm, app) == ["p2"])
+    finally:
+        for service in swarm.services.list(filters={"name": f"deploy-agent-{app}"}):
+            service.remove()

@@ -146,7 +146,7 @@ def test_release_script_runs_the_supervised_command_with_hostile_values(tmp_path
     workdir = tmp_path / HOSTILE_DIR
     workdir.mkdir()
     command = ("/bin/sh", "-c", 'env -0; pwd >&2; exit 3')
-    result = run_sh(release_script(str(workdir), HOSTILE_VALUES, command, str(run_dir)), tmp_path, stdin=b"")
+    result = run_sh(release_script(str(workdir), HOSTILE_VALUES, command, str(run_dir)), tmp_path, stdin=b"go\n")
     assert result.returncode == 0, result.stderr
     fields = result.stdout.decode().split()
     assert fields[0] == MARKER and fields[1].isdigit() and fields[2].isdigit()
@@ -160,11 +160,21 @@ def test_release_script_runs_the_supervised_command_with_hostile_values(tmp_path
     assert not list(tmp_path.rglob("pwned"))
 
 
+def test_release_script_starts_nothing_without_go(tmp_path: Path) -> None:
+    """EOF instead of "go" (a start cancelled while its channel opened): exit 125, no supervisor, nothing ran."""
+    run_dir = tmp_path / "run"
+    result = run_sh(release_script(str(tmp_path), {}, ("touch", str(tmp_path / "ran")), str(run_dir)), tmp_path, stdin=b"")
+    assert result.returncode == 125
+    assert MARKER.encode() not in result.stdout
+    time.sleep(0.3)
+    assert not (tmp_path / "ran").exists() and not (run_dir / "exit_code").exists()
+
+
 def test_release_script_reports_the_pid_only_once_it_leads_its_group(tmp_path: Path) -> None:
     """When the marker is printed, setsid has run: a kill of group $pid right away finds it."""
     for attempt in range(30):
         run_dir = tmp_path / f"run{attempt}"
-        result = run_sh(release_script(str(tmp_path), {}, ("sleep", "30"), str(run_dir)), tmp_path, stdin=b"")
+        result = run_sh(release_script(str(tmp_path), {}, ("sleep", "30"), str(run_dir)), tmp_path, stdin=b"go\n")
         assert result.returncode == 0, result.stderr
         pid = int(result.stdout.decode().split()[1])
         try:

@@ -18,13 +18,18 @@ from typing import Any, Callable, Mapping, TypeVar
 import docker
 import docker.errors
 import requests
+import structlog
 from docker.types.daemon import CancellableStream
 
 from agent.config import DockerSettings
 from agent.errors import RuntimeFailure, Unavailable
 from agent.runtimes.docker.hardening import hardening_options
 
+logger = structlog.get_logger("agent.docker")
+
 DEPLOYMENT_LABEL = "deploy-agent.deployment"
+# How long a removal someone else began is waited for (a container's removal takes milliseconds).
+REMOVAL_WAIT_S = 30.0
 APPLICATION_LABEL = "deploy-agent.application"
 ROLE_LABEL = "deploy-agent.role"
 # Which agent made a container, so that agents (or test runs) sharing one engine never clean up each other's.
@@ -207,7 +212,11 @@ class DockerGateway:
             )
 
     async def remove_container(self, container_id: str) -> None:
-        """Force-removes a container; gone already, or being removed by someone else, is fine."""
+        """Force-removes a container; returns once it is gone (removed already, or by someone else meanwhile).
+
+        Being removed by someone else (a kill's stop beside the build's own cleanup) is waited
+        for: a caller goes on to report "nothing left", which must be true when it does.
+        """
         try:
             await self.call(
                 f"removing container {container_id[:12]}",
@@ -218,6 +227,18 @@ class DockerGateway:
         except RuntimeFailure as exc:
             if "already in progress" not in exc.message:
                 raise
+            await self._wait_until_gone(container_id)
+
+    async def _wait_until_gone(self, container_id: str) -> None:
+        deadline = asyncio.get_running_loop().time() + REMOVAL_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await self.call(f"inspecting container {container_id[:12]}",
+                                lambda client: client.api.inspect_container(container_id))
+            except ContainerMissing:
+                return
+            await asyncio.sleep(0.05)
+        logger.warning("a container is still being removed", container_id=container_id[:12])
 
     async def close_stream(self, stream: CancellableStream | None) -> None:
         """Closes a followed stream, which unblocks the thread reading it; a broken one is fine."""

@@ -277,6 +277,7 @@ class RemoteProcessRuntime:
         except BaseException:
             follower.log.close()
             raise
+        session.proceed()
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 started = await session.wait_started()

@@ -168,7 +168,7 @@ def launch_script(directory: str, env: Mapping[str, str], command: Command, *, c
 def release_script(
     directory: str, env: Mapping[str, str], command: Command, run_dir: str, *, create_dir: bool = False
 ) -> str:
-    """The remote command line of a release (or a build): start the supervisor detached, report `MARKER pid starttime`.
+    """The remote command line of a release (or a build): on "go", start the supervisor detached, report `MARKER pid starttime`.
 
     `setsid` makes the supervisor a session and group leader of its own, and its output goes to
     files in `run_dir`: once the launching shell has exited, sshd holds nothing of the release
@@ -190,6 +190,10 @@ def release_script(
     ]
     lines += _export_lines(env)
     lines += [
+        # "go" from the agent once the channel is open; EOF instead (the start cancelled while the
+        # channel opened, the agent gone) ends the shell before anything detached is started.
+        "read -r _da_go || exit 125",
+        "unset _da_go",
         f'setsid /bin/sh -c {shlex.quote(SUPERVISOR_SCRIPT)} deploy-agent-supervisor "$_da_run" {target}'
         ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr" &',
         "_da_pid=$!",
