@@ -87,11 +87,10 @@ install_python() {
   fi
 }
 
-# A single-node swarm on this engine, for swarm applications and their tests.
+# A swarm on this engine, for swarm applications and their tests, with a second engine in a
+# network namespace joined as a worker (scripts/swarm-worker.sh): replicas land on two nodes.
 init_swarm() {
-  if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ]; then return; fi
-  log "initialising a single-node swarm"
-  docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+  as_root bash "$here/scripts/swarm-worker.sh" start
 }
 
 # A registry on loopback (Debian's docker-registry) that swarm nodes pull release images from.
@@ -119,4 +118,4 @@ init_swarm
 start_registry
 build_base_image
 install_python
-log "ready: docker $(docker version --format '{{.Server.Version}}') (swarm), registry $registry_addr, image $base_image, venv $venv"
+log "ready: docker $(docker version --format '{{.Server.Version}}') (swarm of $(docker node ls -q | wc -l) nodes), registry $registry_addr, image $base_image, venv $venv"

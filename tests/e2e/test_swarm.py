@@ -1,4 +1,7 @@
-"""Swarm applications on the real single-node swarm and the loopback registry that scripts/setup-machine.sh starts.
+"""Swarm applications on the real two-node swarm and the loopback registry that scripts/setup-machine.sh starts.
+
+The nodes: this machine's engine (the manager) and a second engine in a network namespace,
+joined as a worker (scripts/swarm-worker.sh), which pulls release images from the registry.
 
 This machine's kernel has no IPVS, so the routing mesh does not answer on published ports:
 each task is checked from inside (`docker exec` into its container), as Swarm's own health
@@ -22,19 +25,54 @@ REGISTRY = "127.0.0.1:5000"
 FAST = {"type": "http", "path": "/", "interval_s": 1, "retries": 10}
 
 
+WORKER_SOCKET = "unix:///run/deploy-agent-worker.sock"
+
+
+class Swarm:
+    """The swarm's two engines: this machine's (the manager) and the worker's (scripts/swarm-worker.sh)."""
+
+    def __init__(self, manager: docker.DockerClient, worker: docker.DockerClient) -> None:
+        self.manager, self.worker = manager, worker
+        self.engines = {
+            client.info()["Swarm"]["NodeID"]: client for client in (manager, worker)
+        }
+
+    @property
+    def services(self) -> Any:
+        return self.manager.services
+
+    @property
+    def api(self) -> Any:
+        return self.manager.api
+
+    def containers(self, application: str) -> list[Any]:
+        label = {"label": f"com.docker.swarm.service.name=deploy-agent-{application}"}
+        return [c for client in (self.manager, self.worker) for c in client.containers.list(filters=label)]
+
+    def container(self, node_id: str, container_id: str) -> Any:
+        return self.engines[node_id].containers.get(container_id)
+
+
 @pytest.fixture
-def swarm(docker_client: docker.DockerClient) -> Iterator[docker.DockerClient]:
+def swarm(docker_client: docker.DockerClient) -> Iterator[Swarm]:
     if docker_client.info().get("Swarm", {}).get("LocalNodeState") != "active":
         pytest.fail("no swarm: run scripts/setup-machine.sh (it initialises one)")
     try:
         requests.get(f"http://{REGISTRY}/v2/", timeout=2).raise_for_status()
     except requests.RequestException as exc:
         pytest.fail(f"no registry on {REGISTRY} ({exc}): run scripts/setup-machine.sh")
-    yield docker_client
+    ready = [n for n in docker_client.nodes.list() if n.attrs["Status"]["State"] == "ready"]
+    if len(ready) < 2:
+        pytest.fail(f"{len(ready)} ready swarm node(s), not 2: run scripts/setup-machine.sh (scripts/swarm-worker.sh)")
+    worker = docker.DockerClient(base_url=WORKER_SOCKET, timeout=60)
+    try:
+        yield Swarm(docker_client, worker)
+    finally:
+        worker.close()
 
 
 @pytest.fixture
-def swarm_agent(agent_factory, swarm: docker.DockerClient) -> Iterator[AgentProcess]:
+def swarm_agent(agent_factory, swarm: Swarm) -> Iterator[AgentProcess]:
     agent = agent_factory("swarm", extra_toml=f'[registry]\nurl = "{REGISTRY}"\n')
     yield agent
     for service in swarm.services.list(filters={"label": "deploy-agent.application"}):
@@ -58,10 +96,10 @@ def swarm_web(version: str, application: str, replicas: int = 2, **run: Any) -> 
     }
 
 
-def pages(client: docker.DockerClient, application: str) -> list[str]:
-    """What each running task of the application's service serves, asked from inside its container."""
+def pages(swarm: Swarm, application: str) -> list[str]:
+    """What each running task of the application's service serves, on either node, asked from inside its container."""
     found = []
-    for container in client.containers.list(filters={"label": f"com.docker.swarm.service.name=deploy-agent-{application}"}):
+    for container in swarm.containers(application):
         try:
             result = container.exec_run(["wget", "-q", "-O-", "http://127.0.0.1:8080/"])
         except docker.errors.APIError:
@@ -79,8 +117,8 @@ class TaskPoller:
     answer (unless Swarm took it out of service meanwhile).
     """
 
-    def __init__(self, client: docker.DockerClient, application: str) -> None:
-        self.client, self.service = client, f"deploy-agent-{application}"
+    def __init__(self, swarm: Swarm, application: str) -> None:
+        self.swarm, self.service = swarm, f"deploy-agent-{application}"
         self.answers: list[str] = []
         self.failures: list[str] = []
         self._done = threading.Event()
@@ -95,7 +133,7 @@ class TaskPoller:
         self._thread.join()
 
     def _in_service(self) -> list[dict[str, Any]]:
-        tasks = self.client.api.tasks(filters={"service": self.service, "desired-state": "running"})
+        tasks = self.swarm.api.tasks(filters={"service": self.service, "desired-state": "running"})
         return [task for task in tasks if task["Status"]["State"] == "running"]
 
     def _run(self) -> None:
@@ -105,15 +143,15 @@ class TaskPoller:
                 self.failures.append("no task in service")
                 continue
             for task in tasks:
-                answer = self._ask(task["Status"]["ContainerStatus"]["ContainerID"])
+                answer = self._ask(task["NodeID"], task["Status"]["ContainerStatus"]["ContainerID"])
                 if answer is not None:
                     self.answers.append(answer)
                 elif task["ID"] in {t["ID"] for t in self._in_service()}:
                     self.failures.append(f"task {task['Slot']} in service did not answer")
 
-    def _ask(self, container_id: str) -> str | None:
+    def _ask(self, node_id: str, container_id: str) -> str | None:
         try:
-            result = self.client.containers.get(container_id).exec_run(["wget", "-q", "-O-", "http://127.0.0.1:8080/"])
+            result = self.swarm.container(node_id, container_id).exec_run(["wget", "-q", "-O-", "http://127.0.0.1:8080/"])
         except docker.errors.APIError:
             return None
         return result.output.decode().strip() if result.exit_code == 0 else None
@@ -130,7 +168,7 @@ def eventually(check, timeout: float = 60) -> Any:
 
 
 def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
-    swarm_agent: AgentProcess, swarm: docker.DockerClient
+    swarm_agent: AgentProcess, swarm: Swarm
 ) -> None:
     agent, app = swarm_agent, "swweb"
     first = agent.wait_for(agent.submit(swarm_web("v1", app))["id"], timeout=120)
@@ -139,7 +177,12 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
     assert first["release_image"].startswith(f"{REGISTRY}/deploy-agent/{app}:")
     assert first["url"] and first["url"].startswith("http://127.0.0.1:")
     application = agent.request("GET", f"/v1/applications/{app}").json()
-    assert application["replicas"] == {"desired": 2, "running": 2, "healthy": 2} and application["nodes"]
+    assert application["replicas"] == {"desired": 2, "running": 2, "healthy": 2}
+    # Spread over the two nodes: the worker pulled the release image from the registry.
+    assert sorted(application["nodes"]) == sorted(n.attrs["Description"]["Hostname"] for n in swarm.manager.nodes.list())
+    assert len(application["nodes"]) == 2
+    assert [len(client.containers.list(filters={"label": f"com.docker.swarm.service.name=deploy-agent-{app}"}))
+            for client in (swarm.manager, swarm.worker)] == [1, 1]
     assert pages(swarm, app) == ["v1", "v1"]
     # Each task's output is in the deployment log, by slot and stream, before the verdict.
     log = agent.log(first["id"])
@@ -195,7 +238,7 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
 
 
 def test_a_kill_while_a_swarm_update_rolls_out_rolls_the_service_back(
-    swarm_agent: AgentProcess, swarm: docker.DockerClient
+    swarm_agent: AgentProcess, swarm: Swarm
 ) -> None:
     agent, app = swarm_agent, "swkill"
     first = agent.wait_for(agent.submit(swarm_web("k1", app))["id"], timeout=120)
@@ -225,7 +268,7 @@ def test_swarm_requests_are_checked(agent_factory, swarm_agent: AgentProcess) ->
 
 
 def test_an_agent_restart_during_a_swarm_update_watches_it_to_its_end(
-    swarm_agent: AgentProcess, swarm: docker.DockerClient
+    swarm_agent: AgentProcess, swarm: Swarm
 ) -> None:
     import signal
 
@@ -250,7 +293,7 @@ def test_an_agent_restart_during_a_swarm_update_watches_it_to_its_end(
 
 
 def test_retention_prunes_old_release_images_from_the_registry(
-    agent_factory, swarm: docker.DockerClient
+    agent_factory, swarm: Swarm
 ) -> None:
     agent = agent_factory("swarm-prune", extra_toml=f'[registry]\nurl = "{REGISTRY}"\n', releases={"retention": 2})
     app = "swprune"
