@@ -205,8 +205,11 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
     # A release that never becomes healthy: Swarm rolls it back and v2 keeps serving.
     broken = swarm_web("v3", app, command=["sh", "-c", "sleep 600"])
     broken["health_check"] = {**FAST, "retries": 3}
-    failed = agent.wait_for(agent.submit(broken)["id"], timeout=180)
+    with TaskPoller(swarm, app) as poller:
+        failed = agent.wait_for(agent.submit(broken)["id"], timeout=180)
     assert failed["status"] == "failed" and "rolled the service back" in failed["error"]["message"], failed
+    # The broken tasks never came into service: every request was answered by v2.
+    assert poller.failures == [] and set(poller.answers) == {"v2"}, (poller.failures, set(poller.answers))
     eventually(lambda: pages(swarm, app) == ["v2", "v2"])
     assert agent.request("GET", f"/v1/applications/{app}").json()["current_deployment_id"] == second["id"]
 
