@@ -12,7 +12,8 @@ import json
 import sqlite3
 from typing import Any
 
-from agent.errors import Conflict, NotFound
+from agent.errors import NotFound
+from agent.idempotent_rows import earlier_row
 from agent.schedule_models import Schedule, ScheduleFilter, ScheduleStats
 
 SCHEMA = """
@@ -67,16 +68,8 @@ class Retry:
 
 def insert(db: sqlite3.Connection, schedule: Schedule, key: str | None, request_hash: str | None) -> tuple[Schedule, bool]:
     """Writes a new schedule; with an Idempotency-Key already used for the same body, the earlier one (False)."""
-    if key is not None:
-        row = db.execute("SELECT * FROM schedules WHERE idempotency_key = ?", (key,)).fetchone()
-        if row is not None:
-            if row["request_hash"] != request_hash:
-                raise Conflict(
-                    "Idempotency-Key was already used with a different request",
-                    code="idempotency_key_reused",
-                    details={"schedule_id": row["id"]},
-                )
-            return _schedule(row), False
+    if key is not None and (row := earlier_row(db, "schedules", key, request_hash)) is not None:
+        return _schedule(row), False
     values = _values(schedule)
     db.execute(
         f"INSERT INTO schedules ({', '.join(_COLUMNS)}, idempotency_key, request_hash) "

@@ -38,6 +38,7 @@ from agent.callback_outbox import CallbackEvent
 from agent.changes import ChangeFeed
 from agent.disk import disk_full_of, is_sqlite_disk_full
 from agent.errors import Conflict, DiskFull, NotFound, QueueFull
+from agent.idempotent_rows import earlier_row
 from agent.models import (
     FINAL_STATUSES,
     IN_PROGRESS_STATUSES,
@@ -566,16 +567,8 @@ class Store:
             raise QueueFull(f"the queue is full: {queued} deployments are waiting (max_queued={max_queued})")
 
     def _by_idempotency_key(self, key: str, request_hash: str | None) -> Deployment | None:
-        row = self._db.execute("SELECT * FROM deployments WHERE idempotency_key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        if row["request_hash"] != request_hash:
-            raise Conflict(
-                "Idempotency-Key was already used with a different request",
-                code="idempotency_key_reused",
-                details={"deployment_id": row["id"]},
-            )
-        return self._deployment(row)
+        row = earlier_row(self._db, "deployments", key, request_hash)
+        return None if row is None else self._deployment(row)
 
     def _get(self, deployment_id: str) -> Deployment:
         row = self._db.execute("SELECT * FROM deployments WHERE id = ?", (deployment_id,)).fetchone()

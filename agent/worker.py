@@ -125,9 +125,7 @@ class Worker:
         except (asyncio.CancelledError, StopRequested):
             await self._end_stopped(deployment, running, log)
         except Exception as exc:  # noqa: BLE001 - any surprise still ends the deployment
-            failure = as_agent_error(exc)
-            log.agent("done", f"deployment failed: {failure.message}")
-            await self.set_status(deployment.id, "failed", **failure.failure_fields())
+            await self._end_failed(deployment, running, log, exc)
         finally:
             log.close()
 
@@ -173,16 +171,7 @@ class Worker:
         except (asyncio.CancelledError, StopRequested):
             outcome = await self._end_stopped(deployment, running, log)
         except Exception as exc:  # noqa: BLE001 - any surprise still ends the deployment, never leaves it hanging
-            if running.stop_reason is not None:
-                # Asked to stop, its work then failed (e.g. "container is marked for removal"): the stop's doing.
-                logger.info("the work failed after a stop was asked", error=as_agent_error(exc).message)
-                outcome = await self._end_stopped(deployment, running, log)
-            else:
-                if not isinstance(exc, AgentError):
-                    logger.exception("deployment crashed")
-                failure = as_agent_error(exc)
-                log.agent("done", f"deployment failed: {failure.message}")
-                await self.set_status(deployment.id, "failed", **failure.failure_fields())
+            outcome = await self._end_failed(deployment, running, log, exc)
         finally:
             if deadline is not None:
                 deadline.cancel()
@@ -233,6 +222,21 @@ class Worker:
             await self.releases.prune(deployment, target, log, promoted=promoted, image=image)
         except AgentError as exc:
             logger.warning("pruning old releases failed", application=deployment.application, error=exc.message)
+
+    async def _end_failed(
+        self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog, exc: Exception
+    ) -> str:
+        """A deployment whose work raised: `failed` saying why, unless a stop was asked meanwhile."""
+        if running.stop_reason is not None:
+            # Asked to stop, its work then failed (e.g. "container is marked for removal"): the stop's doing.
+            logger.info("the work failed after a stop was asked", error=as_agent_error(exc).message)
+            return await self._end_stopped(deployment, running, log)
+        if not isinstance(exc, AgentError):
+            logger.exception("deployment crashed")
+        failure = as_agent_error(exc)
+        log.agent("done", f"deployment failed: {failure.message}")
+        await self.set_status(deployment.id, "failed", **failure.failure_fields())
+        return "failed"
 
     async def _end_stopped(self, deployment: Deployment, running: RunningDeployment, log: DeploymentLog) -> str:
         """A deployment that was asked to stop: cancelled on a kill, failed on a shutdown.

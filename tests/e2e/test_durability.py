@@ -14,7 +14,7 @@ from tests.e2e.conftest import build_request
 def test_accepted_deployments_survive_sigkill_and_queued_ones_run(agent_factory, docker_client: docker.DockerClient) -> None:
     """After SIGKILL and restart: everything accepted is listed, the running build is taken back and finishes, queued ones run after it."""
     agent = agent_factory("durable", max_concurrent=1)
-    running = agent.submit(build_request("slow", command="echo started; sleep 4; echo finished"))
+    running = agent.submit(build_request("slow", command="echo started; sleep 10; echo finished"))
     queued = [agent.submit(build_request(f"later{i}", command=f"echo later {i}")) for i in range(3)]
     building = agent.wait_for(running["id"], lambda d: d["status"] == "building" and d["container_id"])
     assert containers_of(docker_client, running["id"]), "the build container should be running"
