@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shlex
 import time
 from collections.abc import Callable, Mapping
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import structlog
 
 from agent.config import ServerConfig
 from agent.errors import AgentError, NotFound, RuntimeFailure, Unavailable
+from agent.lazy_import import lazy_import
+
+asyncssh = lazy_import("asyncssh")
 
 logger = structlog.get_logger("agent.ssh")
 
@@ -92,19 +95,25 @@ class _Server:
         return bool(self.docker_forwards or self.port_forwards)
 
 
-class _Client(asyncssh.SSHClient):
-    """Reports a lost connection the moment asyncssh notices it, so the next call reconnects."""
+@functools.cache
+def _client_class() -> type:
+    """The asyncssh client class, made on the first connection (subclassing loads asyncssh)."""
 
-    def __init__(self, on_lost: Callable[[asyncssh.SSHClientConnection], None]) -> None:
-        self._on_lost = on_lost
-        self._connection: asyncssh.SSHClientConnection | None = None
+    class _Client(asyncssh.SSHClient):  # type: ignore[name-defined,misc]
+        """Reports a lost connection the moment asyncssh notices it, so the next call reconnects."""
 
-    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        self._connection = conn
+        def __init__(self, on_lost: Callable[[asyncssh.SSHClientConnection], None]) -> None:
+            self._on_lost = on_lost
+            self._connection: asyncssh.SSHClientConnection | None = None
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._connection is not None:
-            self._on_lost(self._connection)
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            self._connection = conn
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._connection is not None:
+                self._on_lost(self._connection)
+
+    return _Client
 
 
 class SshConnections:
@@ -325,7 +334,7 @@ class SshConnections:
                 keepalive_interval=self._keepalive_interval_s,
                 keepalive_count_max=KEEPALIVE_COUNT_MAX,
                 connect_timeout=self._connect_timeout_s,
-                client_factory=lambda: _Client(lambda conn: self._on_lost(server, conn)),
+                client_factory=lambda: _client_class()(lambda conn: self._on_lost(server, conn)),
                 **options,
             )
         except asyncssh.HostKeyNotVerifiable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import structlog
 
@@ -14,10 +14,12 @@ from agent.errors import AgentError, RuntimeFailure
 from agent.logs import DeploymentLog
 from agent.models import Deployment, parse_time
 from agent.runtimes.container import RELEASE_REPOSITORY, BuildJob, ContainerRuntime
-from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 from agent.targets.base import BuildWatch, Built, check_build, workspace_of
 from agent.targets.server import RemoteServer
 from agent.workspace import prepare_workspace, remove_workspace
+
+if TYPE_CHECKING:
+    from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 
 logger = structlog.get_logger("agent.targets")
 
@@ -178,6 +180,8 @@ class ProcessBuilder:
         return check_build(watch, build.timeout_s, exit_code, timed_out)
 
     def _job(self, deployment: Deployment) -> RemoteBuildJob:
+        from agent.runtimes.remote import RemoteBuildJob  # loaded with the first server (asyncssh)
+
         build = deployment.spec.build
         assert build is not None
         return RemoteBuildJob(

@@ -9,16 +9,19 @@ RemoteProcessRuntime on the same connection.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from agent.config import Config
 from agent.health import HealthTarget
 from agent.models import Deployment
 from agent.runtimes.base import ReleaseHandle
 from agent.runtimes.container import ContainerRuntime
-from agent.runtimes.remote import RemoteProcessRuntime
 from agent.ssh import SshConnections
 from agent.targets.base import LOOPBACK_ADDRESS
 from agent.targets.container import prune_release_images
+
+if TYPE_CHECKING:
+    from agent.runtimes.remote import RemoteProcessRuntime
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -36,7 +39,10 @@ class RemoteServer:
         self._ssh = ssh
         self._kill_grace_s = kill_grace_s
         self._instance = instance
-        self.shell = RemoteProcessRuntime(
+        # Imported with the first server: it loads asyncssh, which an agent without servers never needs.
+        from agent.runtimes.remote import RemoteProcessRuntime
+
+        self.shell: RemoteProcessRuntime = RemoteProcessRuntime(
             name, lambda: ssh.connection(name), kill_grace_s=kill_grace_s,
             state_dir=config.run_dir / "remote-releases" / name,
         )
