@@ -66,6 +66,31 @@ def test_following_reads_what_is_appended_until_the_end(tmp_path: Path) -> None:
     assert texts == ["one\n"] + [f"line {number}\n" for number in range(50)]
 
 
+def test_the_end_wakes_a_reader_waiting_at_the_end_of_the_file(tmp_path: Path) -> None:
+    """With `wake`, the container's exit ends the copy at once: no poll interval is slept through."""
+    import time
+
+    from agent.runtimes.docker.json_log import POLL_S
+
+    path = tmp_path / "c-json.log"
+    path.write_bytes(entry("one\n"))
+    ended = threading.Event()
+    finished_at: list[float] = []
+
+    def follow() -> None:
+        for _ in JsonLogReader(path).batches(ended.is_set, threading.Event(), wake=ended):
+            pass
+        finished_at.append(time.monotonic())
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.12)  # asleep at the end of the file
+    began = time.monotonic()
+    ended.set()
+    thread.join(timeout=5)
+    assert finished_at and finished_at[0] - began < POLL_S / 2
+
+
 def test_a_rotation_is_followed_into_the_new_file(tmp_path: Path) -> None:
     path = tmp_path / "c-json.log"
     path.write_bytes(entry("old\n"))

@@ -285,7 +285,7 @@ class BuildOutputCopier:
         """
         self._resume_at = None
         try:
-            batches = reader.batches(ended.is_set, closing)
+            batches = reader.batches(ended.is_set, closing, wake=ended)
             for batch in batches:
                 if reader.lost_entries:
                     self._log.agent(self._stage, ROTATED_AWAY)

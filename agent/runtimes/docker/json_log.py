@@ -61,8 +61,15 @@ class JsonLogReader:
         # Set when the entries at `start` were rotated away before the copy resumed.
         self.lost_entries = False
 
-    def batches(self, ended: Callable[[], bool], closing: threading.Event) -> Iterator[list[Entry]]:
-        """Entries as they come, until the file is read to its end after `ended()` or `closing` is set."""
+    def batches(
+        self, ended: Callable[[], bool], closing: threading.Event, wake: threading.Event | None = None
+    ) -> Iterator[list[Entry]]:
+        """Entries as they come, until the file is read to its end after `ended()` or `closing` is set.
+
+        At the file's end it sleeps until `wake` is set (the container's exit: its last lines are
+        read at once, not a poll later) or POLL_S pass; without `wake`, until `closing`.
+        """
+        sleeper = wake or closing
         handle = self._open()
         try:
             pending = b""
@@ -87,7 +94,7 @@ class JsonLogReader:
                     continue
                 if finished:
                     return
-                closing.wait(POLL_S)
+                sleeper.wait(POLL_S)
         finally:
             handle.close()
 
