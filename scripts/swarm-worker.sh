@@ -38,9 +38,9 @@ network() {
     ip link add "$host_if" type veth peer name "$worker_if"
     ip link set "$worker_if" netns "$netns"
   fi
-  ip addr show dev "$host_if" | grep -q "$host_ip/" || ip addr add "$host_ip/24" dev "$host_if"
+  ip addr show dev "$host_if" | grep "$host_ip/" >/dev/null || ip addr add "$host_ip/24" dev "$host_if"
   ip link set "$host_if" up
-  in_ns ip addr show dev "$worker_if" | grep -q "$worker_ip/" || in_ns ip addr add "$worker_ip/24" dev "$worker_if"
+  in_ns ip addr show dev "$worker_if" | grep "$worker_ip/" >/dev/null || in_ns ip addr add "$worker_ip/24" dev "$worker_if"
   in_ns ip link set "$worker_if" up
   in_ns ip link set lo up
   # The registry, seen from the namespace at 127.0.0.1:$registry_port, is the host's.
@@ -94,7 +94,7 @@ join() {
   cluster="$(docker info --format '{{.Swarm.Cluster.ID}}')"
   if [ "$(worker info --format '{{.Swarm.LocalNodeState}}')" = active ]; then
     # Still in the swarm? A re-initialised manager leaves it in a cluster that is gone.
-    if docker node ls --format '{{.Hostname}} {{.Status}}' | grep -qx "$worker_host Ready"; then return; fi
+    if docker node ls --format '{{.Hostname}} {{.Status}}' | grep -x "$worker_host Ready" >/dev/null; then return; fi
     worker swarm leave --force >/dev/null || true
   fi
   # Nodes the worker left behind (a restarted machine) go before it joins again.
@@ -103,7 +103,7 @@ join() {
   log "joining the worker to swarm $cluster"
   worker swarm join --token "$(docker swarm join-token -q worker)" --advertise-addr "$worker_ip" "$host_ip:2377" >/dev/null
   for _ in $(seq 1 30); do
-    docker node ls --format '{{.Hostname}} {{.Status}}' | grep -qx "$worker_host Ready" && return
+    docker node ls --format '{{.Hostname}} {{.Status}}' | grep -x "$worker_host Ready" >/dev/null && return
     sleep 1
   done
   log "the worker joined but is not Ready"
