@@ -1,12 +1,15 @@
 """Cheap polling of deployments: ETag / If-None-Match / 304, and `?wait=` long polls.
 
 A tag is known before the store is read (agent.changes): a poll whose tag still matches costs
-no query and no body. It is taken before the read, so that a body is never older than its tag.
+no query and no body. It is taken before the read, so that a body is never older than its tag;
+and a body read under a tag that is still current is the answer again (RenderedBodies).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -17,6 +20,8 @@ from agent.changes import ChangeFeed
 from agent.models import Deployment, DeploymentFilter
 
 Page = tuple[list[Deployment], int | None]
+# The bodies kept for unchanged answers (RenderedBodies), in all.
+RENDERED_BYTES = 8 * 1024 * 1024
 
 
 def matches(request: web.Request, tag: str) -> bool:
@@ -45,8 +50,13 @@ async def answer_deployment(
         tag = changes.deployment_tag(deployment_id)
     if matches(request, tag):
         return not_modified(tag)
+    cached = cached_body(changes, f"deployment/{deployment_id}", tag)
+    if cached is not None:
+        return cached
     deployment = await read(deployment_id)
-    return web.json_response(deployment.to_json(), headers={"ETag": tag})
+    response = web.json_response(deployment.to_json(), headers={"ETag": tag})
+    keep_body(changes, f"deployment/{deployment_id}", tag, response)
+    return response
 
 
 async def answer_list(
@@ -65,9 +75,72 @@ async def answer_list(
                 return not_modified(tag)
             await changes.wait(deadline - time.monotonic())
             continue
+        cached = cached_body(changes, f"list?{key}", tag)
+        if cached is not None:
+            return cached
         page, next_seq = await read(query)
         if page or wait_s is None or time.monotonic() >= deadline or changes.closed:
             break
         await changes.wait(deadline - time.monotonic())
     data = [deployment.to_json() for deployment in page]
-    return web.json_response({"data": data, "next_cursor": encode_cursor(next_seq)}, headers={"ETag": tag})
+    response = web.json_response({"data": data, "next_cursor": encode_cursor(next_seq)}, headers={"ETag": tag})
+    if page:
+        keep_body(changes, f"list?{key}", tag, response)
+    return response
+
+
+def cached_body(changes: ChangeFeed, key: str, tag: str) -> web.Response | None:
+    """The body last rendered under `key`, while its tag is still current (nothing in it changed since)."""
+    body = _rendered(changes).get(key, tag)
+    if body is None:
+        return None
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers={"ETag": tag})
+
+
+def keep_body(changes: ChangeFeed, key: str, tag: str, response: web.Response) -> None:
+    if isinstance(response.body, bytes):
+        _rendered(changes).keep(key, tag, response.body)
+
+
+class RenderedBodies:
+    """The last body of recent answers (a list query, a deployment), by the tag it was read under.
+
+    A tag changes whenever anything in its answer would (agent.changes), so while the current
+    tag is the one a body was read under, that body is the answer: a control plane polling
+    without If-None-Match costs no query and no JSON. Bounded in bytes: the least recently used
+    go first.
+    """
+
+    def __init__(self, max_bytes: int = RENDERED_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._bodies: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    def get(self, key: str, tag: str) -> bytes | None:
+        entry = self._bodies.get(key)
+        if entry is None or entry[0] != tag:
+            return None
+        self._bodies.move_to_end(key)
+        return entry[1]
+
+    def keep(self, key: str, tag: str, body: bytes) -> None:
+        if len(body) > self._max_bytes // 16:
+            return  # a very large page (a high `limit`) is rendered each time
+        previous = self._bodies.pop(key, None)
+        if previous is not None:
+            self._bytes -= len(previous[1])
+        self._bodies[key] = (tag, body)
+        self._bytes += len(body)
+        while self._bytes > self._max_bytes:
+            _, (_, dropped) = self._bodies.popitem(last=False)
+            self._bytes -= len(dropped)
+
+
+_RENDERED: weakref.WeakKeyDictionary[ChangeFeed, RenderedBodies] = weakref.WeakKeyDictionary()
+
+
+def _rendered(changes: ChangeFeed) -> RenderedBodies:
+    rendered = _RENDERED.get(changes)
+    if rendered is None:
+        rendered = _RENDERED[changes] = RenderedBodies()
+    return rendered

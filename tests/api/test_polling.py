@@ -154,3 +154,23 @@ async def test_a_thousand_idle_long_polls_are_answered_when_the_agent_stops(engi
     await asyncio.wait_for(asyncio.gather(*waiters), 1)
     assert engine.changes.waiting() == 0
     assert engine.changes.deployment_tag(deployment.id) == tag
+
+
+async def test_a_list_polled_without_a_tag_is_read_once_until_something_changes(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    """The body of an unchanged list query is kept: no query, same bytes and tag; any change reads it again."""
+    first_deployment = engine.add()
+    first = await client.get("/v1/deployments?limit=5", headers=auth())
+    body, tag = await first.read(), first.headers["ETag"]
+    reads = len(engine.queries)
+    again = await client.get("/v1/deployments?limit=5", headers=auth())
+    assert again.status == 200 and await again.read() == body and again.headers["ETag"] == tag
+    assert again.headers["Content-Type"] == first.headers["Content-Type"]
+    assert len(engine.queries) == reads
+    other_query = await client.get("/v1/deployments?limit=4", headers=auth())
+    assert other_query.status == 200 and len(engine.queries) == reads + 1
+    engine.set_status(first_deployment.id, "building")
+    changed = await client.get("/v1/deployments?limit=5", headers=auth())
+    assert changed.headers["ETag"] != tag and len(engine.queries) == reads + 2
+    assert (await changed.json())["data"][0]["status"] == "building"
