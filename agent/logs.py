@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 import structlog
 
-from agent.models import DeploymentSpec, utc_now
+from agent.models import DeploymentSpec, parse_time, utc_now
 
 logger = structlog.get_logger("agent.logs")
 
@@ -404,6 +404,19 @@ class DeploymentLog:
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+
+def parse_log_line(raw: str) -> tuple[float, str, str, str] | None:
+    """A line as `write_lines` writes it, `STAMP STAGE STREAM | TEXT`, as (unix seconds, stage, stream, text)."""
+    head, separator, text = raw.partition(" | ")
+    fields = head.split(" ")
+    if not separator or len(fields) != 3:
+        return None
+    try:
+        stamp = parse_time(fields[0])
+    except ValueError:
+        return None
+    return stamp.timestamp(), fields[1], fields[2], text
 
 
 def log_size(path: Path) -> int:

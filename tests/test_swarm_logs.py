@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.logs import DeploymentLog
-from agent.runtimes.swarm_logs import RESUME_OVERLAP_S, parse_line, parse_log_line, parse_nanoseconds, resume_point
+from agent.logs import DeploymentLog, parse_log_line
+from agent.runtimes.swarm_logs import RESUME_OVERLAP_S, parse_line, parse_nanoseconds, resume_point
 
 DETAILS = "com.docker.swarm.node.id=n1,com.docker.swarm.service.id=s1,com.docker.swarm.task.id=t1"
 

@@ -204,7 +204,7 @@ class SwarmRuntime:
             attrs = service.attrs
             spec = attrs.get("Spec") or {}
             image = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image")
-            desired = int(((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
+            desired = _replicas_in(spec)
             tasks = service.tasks(filters={"desired-state": "running"})
             current = [task for task in tasks if _same_image(_task_image(task), image)]
             running = [task for task in current if (task.get("Status") or {}).get("State") == "running"]
@@ -307,9 +307,7 @@ class SwarmRuntime:
         name = service_name(application)
 
         def apply(client: docker.DockerClient) -> None:
-            service = _service_or_none(client, name)
-            if service is None:
-                raise RuntimeFailure(f"service {name} does not exist")
+            service = _existing_service(client, name)
             service.scale(replicas)
 
         await self.containers.engine_call(f"scaling service {name}", apply)
@@ -319,11 +317,9 @@ class SwarmRuntime:
         name = service_name(application)
 
         def apply(client: docker.DockerClient) -> None:
-            service = _service_or_none(client, name)
-            if service is None:
-                raise RuntimeFailure(f"service {name} does not exist")
+            service = _existing_service(client, name)
             spec = service.attrs["Spec"]
-            replicas = int(((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
+            replicas = _replicas_in(spec)
             labels = dict(spec.get("Labels") or {})
             if replicas > 0:
                 labels[STOPPED_REPLICAS_LABEL] = str(replicas)
@@ -336,9 +332,7 @@ class SwarmRuntime:
         name = service_name(application)
 
         def apply(client: docker.DockerClient) -> int:
-            service = _service_or_none(client, name)
-            if service is None:
-                raise RuntimeFailure(f"service {name} does not exist")
+            service = _existing_service(client, name)
             labels = dict(service.attrs["Spec"].get("Labels") or {})
             kept = labels.pop(STOPPED_REPLICAS_LABEL, None)
             replicas = int(kept) if kept and kept.isdigit() else default_replicas
@@ -376,6 +370,18 @@ def _healthcheck(release: SwarmRelease) -> docker.types.Healthcheck | None:
         retries=check.retries,
         start_period=int(check.start_period_s * NANOSECONDS),
     )
+
+
+def _existing_service(client: docker.DockerClient, name: str) -> Any:
+    service = _service_or_none(client, name)
+    if service is None:
+        raise RuntimeFailure(f"service {name} does not exist")
+    return service
+
+
+def _replicas_in(spec: dict[str, Any]) -> int:
+    """The replica count a service spec asks for (0 for a global or unset mode)."""
+    return int(((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
 
 
 def _service_or_none(client: docker.DockerClient, name: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import docker
 
-from agent.logs import DeploymentLog, read_tail
+from agent.logs import DeploymentLog, parse_log_line, read_tail
 from agent.runtimes.base import RELEASE_STAGE
 
 TASK_ID_ATTRIBUTE = "com.docker.swarm.task.id"
@@ -91,18 +91,6 @@ def resume_point(log_path: Path, fallback_s: float) -> ResumePoint:
     since_s = last_s - RESUME_OVERLAP_S
     copied = tuple((stream, text) for stamp_s, _, stream, text in task_lines if stamp_s >= since_s - 1.0)
     return ResumePoint(since_s, copied, last_s)
-
-
-def parse_log_line(raw: str) -> tuple[float, str, str, str] | None:
-    """A deployment log line `STAMP STAGE STREAM | TEXT` as (unix seconds, stage, stream, text)."""
-    head, separator, text = raw.partition(" | ")
-    fields = head.split(" ")
-    if not separator or len(fields) != 3:
-        return None
-    nanoseconds = parse_nanoseconds(fields[0])
-    if nanoseconds is None:
-        return None
-    return nanoseconds / 1_000_000_000, fields[1], fields[2], text
 
 
 class TaskLogCopier:

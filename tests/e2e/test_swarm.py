@@ -240,16 +240,24 @@ def test_a_swarm_application_is_created_updated_scaled_rolled_back_and_stopped(
     eventually(lambda: pages(swarm, app) == ["v1", "v1", "v1"])
 
 
+def start_slow_update(
+    agent: AgentProcess, app: str, old: str, new: str, *, start_period_s: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Deploys `old`, then submits `new` with a health check slow to pass; returns both once `new` rolls out."""
+    first = agent.wait_for(agent.submit(swarm_web(old, app))["id"], timeout=120)
+    assert first["status"] == "succeeded", agent.log(first["id"])
+    slow = swarm_web(new, app)
+    slow["health_check"] = {**FAST, "start_period_s": start_period_s}
+    rolling = agent.submit(slow)
+    agent.wait_for(rolling["id"], lambda d: d["stage"] == "health", timeout=120)
+    return first, rolling
+
+
 def test_a_kill_while_a_swarm_update_rolls_out_rolls_the_service_back(
     swarm_agent: AgentProcess, swarm: Swarm
 ) -> None:
     agent, app = swarm_agent, "swkill"
-    first = agent.wait_for(agent.submit(swarm_web("k1", app))["id"], timeout=120)
-    assert first["status"] == "succeeded", agent.log(first["id"])
-    slow = swarm_web("k2", app)
-    slow["health_check"] = {**FAST, "start_period_s": 30}
-    rolling = agent.submit(slow)
-    agent.wait_for(rolling["id"], lambda d: d["stage"] == "health", timeout=120)
+    first, rolling = start_slow_update(agent, app, "k1", "k2", start_period_s=30)
     killed = agent.request("POST", f"/v1/deployments/{rolling['id']}/kill")
     assert killed.status_code == 202 and killed.json()["status"] == "cancelled", killed.text
     image = swarm.services.get(f"deploy-agent-{app}").attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
@@ -276,12 +284,7 @@ def test_an_agent_restart_during_a_swarm_update_watches_it_to_its_end(
     import signal
 
     agent, app = swarm_agent, "swrestart"
-    first = agent.wait_for(agent.submit(swarm_web("r1", app))["id"], timeout=120)
-    assert first["status"] == "succeeded", agent.log(first["id"])
-    slow = swarm_web("r2", app)
-    slow["health_check"] = {**FAST, "start_period_s": 8}
-    rolling = agent.submit(slow)
-    agent.wait_for(rolling["id"], lambda d: d["stage"] == "health", timeout=120)
+    _, rolling = start_slow_update(agent, app, "r1", "r2", start_period_s=8)
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
     agent.start()
     final = agent.wait_for(rolling["id"], timeout=180)
