@@ -22,13 +22,12 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import structlog
+from agent.clock import parse_time, utc_now
 
-from agent.models import DeploymentSpec, parse_time, utc_now
-
-logger = structlog.get_logger("agent.logs")
+if TYPE_CHECKING:
+    from agent.models import DeploymentSpec
 
 # A line longer than this is cut into pieces so that one endless line cannot grow memory.
 MAX_LINE_BYTES = 64 * 1024
@@ -41,24 +40,39 @@ LOG_FILE_MODE = 0o600
 
 
 class LineSplitter:
-    """Turns a stream of byte chunks into complete text lines."""
+    """Turns a stream of byte chunks into complete text lines, a chunk's whole lines in a few C calls."""
 
     def __init__(self) -> None:
         self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._pending.extend(chunk)
-        lines: list[str] = []
-        while True:
-            newline = self._pending.find(b"\n")
-            if newline == -1:
-                break
-            lines.append(_decode(self._pending[:newline]))
-            del self._pending[: newline + 1]
-        while len(self._pending) >= MAX_LINE_BYTES:
-            lines.append(_decode(self._pending[:MAX_LINE_BYTES]))
-            del self._pending[:MAX_LINE_BYTES]
-        return lines
+        block = self.feed_block(chunk)
+        return [] if block is None else lines_of(block)
+
+    def feed_block(self, chunk: bytes) -> bytes | None:
+        """The whole lines `chunk` completes, as bytes joined by newlines (none at the end); None if none.
+
+        Each line is cut at MAX_LINE_BYTES, wherever the chunks that brought it began or ended.
+        """
+        pending = self._pending
+        whole: bytes | None = None
+        if not pending:
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                whole = chunk[:cut]
+                chunk = chunk[cut + 1 :]
+            pending.extend(chunk)
+        else:
+            pending.extend(chunk)
+            cut = pending.rfind(b"\n")
+            if cut >= 0:
+                whole = bytes(pending[:cut])
+                del pending[: cut + 1]
+        pieces = [] if whole is None else [_cut_long_lines(whole)]
+        while len(pending) >= MAX_LINE_BYTES:
+            pieces.append(bytes(pending[:MAX_LINE_BYTES]))
+            del pending[:MAX_LINE_BYTES]
+        return b"\n".join(pieces) if pieces else None
 
     def flush(self) -> list[str]:
         if not self._pending:
@@ -66,6 +80,30 @@ class LineSplitter:
         line = _decode(self._pending)
         self._pending.clear()
         return [line]
+
+
+def _cut_long_lines(whole: bytes) -> bytes:
+    """`whole` (lines joined by newlines) with every line of MAX_LINE_BYTES or more cut into pieces."""
+    if len(whole) < MAX_LINE_BYTES:
+        return whole
+    lines = whole.split(b"\n")
+    if max(map(len, lines)) < MAX_LINE_BYTES:
+        return whole
+    # Cut as a line that came in pieces is (see feed_block): the same output gives the same lines.
+    cut: list[bytes] = []
+    for raw in lines:
+        while len(raw) >= MAX_LINE_BYTES:
+            cut.append(raw[:MAX_LINE_BYTES])
+            raw = raw[MAX_LINE_BYTES:]
+        cut.append(raw)
+    return b"\n".join(cut)
+
+
+def lines_of(block: bytes) -> list[str]:
+    """The text lines of a block of lines joined by newlines, carriage returns at their ends dropped."""
+    text = block.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    return [line.rstrip("\r") for line in lines] if "\r" in text else lines
 
 
 def _decode(raw: bytes | bytearray) -> str:
@@ -122,6 +160,11 @@ class Masker:
         self._pattern = (
             re.compile("(?=(" + "|".join(re.escape(secret) for secret in ordered) + "))") if ordered else None
         )
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to mask."""
+        return self._pattern is not None
 
     def __call__(self, line: str) -> str:
         if self._pattern is None:
@@ -196,6 +239,11 @@ def watch_growth(path: Path | str, callback: Callable[[], None]) -> Callable[[],
     key = _key_of(path)
     _listeners.add(key, callback)
     return lambda: _listeners.remove(key, callback)
+
+
+def notify_growth(path: Path | str) -> None:
+    """Tells this process's followers of `path` that it grew (written by another process, e.g. a build's pump)."""
+    _listeners.notify(_key_of(path))
 
 
 def dropped_note_pending(path: Path | str) -> bool:
@@ -276,6 +324,62 @@ class DeploymentLog:
             self._dropped += byte_count
             self._dropped_stage = stage
 
+    def hand_over(self) -> dict[str, int | str] | None:
+        """What this writer would note at close (bytes dropped at the cap, bytes lost to failed writes), no longer its to note.
+
+        For a writer in another process (a build's pump) whose counts the agent's own writer of
+        the same log takes over (`take_over`): one note for the log, and a failed write decides
+        the deployment's end. None when there is nothing to note.
+        """
+        with self._lock:
+            if not self._dropped and self._write_error is None:
+                return None
+            report: dict[str, int | str] = {"dropped": self._dropped, "stage": self._dropped_stage}
+            if self._write_error is not None:
+                report.update(unwritten=self._unwritten, errno=self._write_error.errno or errno.EIO,
+                              error=self._write_error.strerror or str(self._write_error))
+            self._dropped, self._write_error, self._unwritten = 0, None, 0
+            return report
+
+    def take_over(self, report: dict[str, int | str]) -> None:
+        """Counts what another writer of this log handed over (see hand_over) as this writer's own."""
+        dropped, unwritten = int(report.get("dropped", 0)), int(report.get("unwritten", 0))
+        if dropped > 0:
+            self.count_dropped(str(report.get("stage") or "build"), dropped)
+        if "errno" in report:
+            with self._lock:
+                if self._closed:
+                    return
+                self._unwritten += unwritten
+                self._failed(OSError(int(report["errno"]), str(report.get("error", ""))))
+
+    def write_block(self, stage: str, stream: str, block: bytes) -> None:
+        """Output lines as bytes joined by newlines (LineSplitter.feed_block), in a few C calls in the usual case.
+
+        The usual case: UTF-8 text, no carriage return, nothing to mask, room in the log. Anything
+        else goes line by line through write_lines, which repairs, masks and cuts at the cap.
+        """
+        if not self.mask.active and b"\r" not in block:
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                prefix = f"{utc_now()} {stage} {stream} | ".encode("utf-8")
+                data = prefix + block.replace(b"\n", b"\n" + prefix) + b"\n"
+                with self._lock:
+                    if self._closed:
+                        return
+                    if self._dropped and self._write_error is None:
+                        self._dropped += len(data)  # what write_lines would count, line by line
+                        return
+                    if self._write_error is None and len(data) <= self.policy.max_bytes - self._size():
+                        self._last_stage = stage
+                        if self._append(data):
+                            _listeners.notify(self._key)
+                        return
+        self.write_lines(stage, stream, lines_of(block))
+
     def write(self, stage: str, stream: str, text: str) -> None:
         self.write_lines(stage, stream, text.splitlines() or [""])
 
@@ -349,8 +453,12 @@ class DeploymentLog:
             return
         self._write_error = exc
         self._mark_note_pending()
-        logger.warning("writing a deployment log failed; its output is counted, not written", path=str(self.path),
-                       error=str(exc))
+        # Imported here: the build output pump (a process per build) writes logs without structlog's start-up cost.
+        import structlog
+
+        structlog.get_logger("agent.logs").warning(
+            "writing a deployment log failed; its output is counted, not written", path=str(self.path), error=str(exc)
+        )
 
     def _mark_note_pending(self) -> None:
         if not self._note_pending:

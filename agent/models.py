@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
 
+from agent.clock import format_time, parse_time, utc_now  # noqa: F401 - re-exported
 from agent.deployment_request import check_source_directory, parse_deployment_request, parse_metadata  # noqa: F401
 from agent.specs import (  # noqa: F401 - re-exported
     BuildSpec,
@@ -46,27 +47,6 @@ TRANSITIONS: Mapping[str, frozenset[str]] = {
 REDACTED = REDACTED_VALUE
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 MAX_SQLITE_INTEGER = 2**63 - 1
-
-
-def utc_now() -> str:
-    """The current time as RFC 3339 with milliseconds and a Z, the format of every stored timestamp."""
-    return format_time(dt.datetime.now(dt.timezone.utc))
-
-
-def format_time(moment: dt.datetime) -> str:
-    moment = moment.astimezone(dt.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_time(text: str) -> dt.datetime:
-    """Parses an RFC 3339 timestamp; raises ValueError when it is not one or has no offset."""
-    candidate = text.strip()
-    if candidate.endswith(("Z", "z")):
-        candidate = candidate[:-1] + "+00:00"
-    moment = dt.datetime.fromisoformat(candidate)
-    if moment.tzinfo is None:
-        raise ValueError("timestamp has no timezone offset")
-    return moment
 
 
 def new_deployment_id() -> str:

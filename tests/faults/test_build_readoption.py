@@ -67,6 +67,22 @@ def test_a_build_killed_mid_output_continues_with_every_line_once(
     assert not (agent.state_dir / "logs" / f"{deployment['id']}.build-cursor").exists()
 
 
+def test_the_log_keeps_growing_while_the_agent_is_down(agent_factory) -> None:
+    """The build's output pump is no part of the agent: killed, the agent leaves it copying; nothing waits for the restart."""
+    agent = agent_factory("readopt-pump")
+    deployment = agent.submit(build_request("readopt-pump", command=NUMBERED))
+    kill_during_build(agent, deployment["id"], after_line="line 30")
+    log = agent.state_dir / "logs" / f"{deployment['id']}.log"
+    before = log.stat().st_size
+    time.sleep(1)
+    assert log.stat().st_size > before, "nothing was copied while the agent was down"
+    agent.start()
+    final = agent.wait_for(deployment["id"], timeout=60)
+    assert final["status"] == "succeeded", (final, agent.log(deployment["id"])[-2000:])
+    assert output_lines(agent, deployment["id"]) == [f"line {i}" for i in range(300)]
+    assert not (agent.state_dir / "logs" / f"{deployment['id']}.build-pump").exists()
+
+
 def test_a_build_killed_twice_and_finished_while_away_keeps_its_log_whole(
     agent_factory, docker_client: docker.DockerClient
 ) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ from agent.runtimes.docker.build_output import (
     open_build_logs,
     remove_cursor,
 )
+from agent.runtimes.docker import build_pumps
+from agent.runtimes.docker.build_pumps import PumpProcess
 from agent.runtimes.docker.hardening import create_running_host_config
 from agent.runtimes.docker.images import WORKSPACE, Images, archive_workspace
 from agent.runtimes.docker.json_log import JsonLogReader, readable_log_path
@@ -70,6 +73,9 @@ UNKNOWN_EXIT_CODE = 137
 # on from the new file and skips what the reader had not reached), and JSON makes each line
 # about 1.6 times longer, so 512 MiB holds well over the default 100 MiB deployment log.
 BUILD_LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "512m", "max-file": "2"}}
+# With an engine on this host, a pump process copies the attach stream instead (build_pump):
+# dockerd then only hands the bytes over, and the pump outlives the agent, so nothing is lost.
+PUMPED_LOG_CONFIG = {"Type": "none", "Config": {}}
 # The states of a build container that a restarted agent takes back: it runs, or it ended by itself.
 ADOPTABLE_STATES = ("running", "exited")
 
@@ -107,6 +113,9 @@ class _BuildSession:
     """The moving parts of one running build, so that cleanup can reach every one of them."""
 
     container_id: str
+    # The output pump of an engine on this host: started before the container is created, then attached.
+    pump_popen: subprocess.Popen[str] | None = None
+    pump_process: PumpProcess | None = None
     stream: CancellableStream | None = None
     pump: asyncio.Future[None] | None = None
     copier: BuildOutputCopier | None = None
@@ -125,6 +134,8 @@ class Builds:
         self._gateway = gateway
         # Whether the engine runs on this host: its containers' log files can then be read directly.
         self._engine_here = engine_here
+        # The engine's unix socket, for build output pumps; None: output is read back from Docker's log.
+        self._pump_socket = build_pumps.unix_socket_of(gateway.settings.url) if engine_here else None
         self._images = images
         self._kill_grace_s = kill_grace_s
         # The builds running now, by deployment id.
@@ -133,10 +144,18 @@ class Builds:
     async def run(self, job: BuildJob, log: DeploymentLog, on_start: OnStart) -> BuildResult:
         """Runs the build command in a fresh container and always removes the container after."""
         await self._images.ensure(job.image, log, STAGE)
-        container_id = await self._gateway.create_cancel_safe(
-            "creating the build container", lambda client: self._create_container(client, job)
-        )
-        return await self._supervise(_BuildSession(container_id), job, log, self._start_container(job, log, on_start))
+        # Started first: the pump's own start-up overlaps the container's creation.
+        popen = await self._gateway.in_thread(build_pumps.spawn) if self._pump_socket else None
+        try:
+            container_id = await self._gateway.create_cancel_safe(
+                "creating the build container", lambda client: self._create_container(client, job)
+            )
+        except BaseException:
+            if popen is not None:
+                await asyncio.shield(self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen)))
+            raise
+        session = _BuildSession(container_id, pump_popen=popen)
+        return await self._supervise(session, job, log, self._start_container(job, log, on_start))
 
     async def reattach(self, job: BuildJob, log: DeploymentLog, on_found: OnStart) -> BuildResult | None:
         """After an agent restart: follows the deployment's build container again, from where its log stopped.
@@ -155,7 +174,7 @@ class Builds:
         if details is None or state.get("Status") not in ADOPTABLE_STATES:
             for entry in found:
                 await self._gateway.remove_container(entry["Id"])
-            await self._gateway.in_thread(functools.partial(remove_cursor, cursor_path(log.path)))
+            await self._gateway.in_thread(functools.partial(_forget_output_state, cursor_path(log.path)))
             return None
         container_id = str(details["Id"])
 
@@ -226,7 +245,7 @@ class Builds:
             pids=settings.build_pids,
             # Half the default CPU weight: a busy build never starves the agent serving the API.
             cpu_shares=512,
-            log_config=BUILD_LOG_CONFIG,
+            log_config=PUMPED_LOG_CONFIG if self._pump_socket else BUILD_LOG_CONFIG,
         )
         labels = {DEPLOYMENT_LABEL: job.deployment_id, APPLICATION_LABEL: job.application, ROLE_LABEL: BUILD_ROLE}
         if self._gateway.instance is not None:
@@ -251,6 +270,8 @@ class Builds:
 
         async def start(session: _BuildSession) -> BuildResult:
             container_id = session.container_id
+            if session.pump_popen is not None:
+                session.pump_process = await self._attach_pump(session.pump_popen, container_id, log)
             await self._copy_workspace(container_id, job.workspace)
             if job.workspace_archive is not None:
                 await self._copy_archive(container_id, job.workspace_archive)
@@ -267,6 +288,13 @@ class Builds:
     ) -> BuildResult:
         """Copies the container's output into the log (from the cursor when `resuming`), waits for its end, commits."""
         container_id = session.container_id
+        state = details.get("State") or {}
+        if _is_pumped(details) and self._pump_socket is not None:
+            if resuming:
+                session.pump_process = await self._find_pump(container_id, log, running=is_running(state))
+            if session.pump_process is not None:
+                session.pump = asyncio.ensure_future(build_pumps.watch(session.pump_process, log, STAGE, session.exited))
+            return await self._wait_and_commit(session, job, log, state, resuming=resuming)
         log_file = readable_log_path(details) if self._engine_here else None
         copier, cursor = await self._gateway.in_thread(functools.partial(_prepare_copier, log, resuming))
         session.copier = copier
@@ -282,7 +310,13 @@ class Builds:
                 "reading the build output", lambda client: open_build_logs(client, container_id, since)
             )
             session.pump = self._gateway.start_background(functools.partial(copier.copy, session.stream))
-        state = details.get("State") or {}
+        return await self._wait_and_commit(session, job, log, state, resuming=resuming)
+
+    async def _wait_and_commit(
+        self, session: _BuildSession, job: BuildJob, log: DeploymentLog, state: dict[str, Any], *, resuming: bool
+    ) -> BuildResult:
+        """Waits for the container's end (its timeout counted from its real start) and its output's, then commits."""
+        container_id = session.container_id
         if resuming and not is_running(state):
             exit_code, timed_out = _ended_while_away(state, job, log)
         else:
@@ -307,6 +341,35 @@ class Builds:
                 log.agent(STAGE, "the build was stopped before its result was kept")
                 return BuildResult(exit_code=UNKNOWN_EXIT_CODE, timed_out=False, image=None)
         return BuildResult(exit_code=exit_code, timed_out=False, image=image)
+
+    async def _attach_pump(self, popen: subprocess.Popen[str], container_id: str, log: DeploymentLog) -> PumpProcess:
+        """Hands the started pump its container; once attached, the container may start."""
+        assert self._pump_socket is not None
+        attach = self._gateway.in_thread(
+            functools.partial(build_pumps.hand_job, popen, self._pump_socket, container_id, log, STAGE)
+        )
+        try:
+            return await asyncio.wait_for(attach, build_pumps.HANDSHAKE_S)
+        except asyncio.TimeoutError:
+            popen.kill()  # the thread's read then ends, and hand_job reaps it
+            raise RuntimeFailure(
+                f"following the build's output failed: the output pump did not attach within {build_pumps.HANDSHAKE_S:g}s"
+            ) from None
+
+    async def _find_pump(self, container_id: str, log: DeploymentLog, *, running: bool) -> PumpProcess | None:
+        """After a restart: the pump that kept copying while the agent was away, or a new one if it is gone.
+
+        A build that ended while away has nothing more to copy: its pump ended with it.
+        """
+        found = await self._gateway.in_thread(functools.partial(build_pumps.find, log.path))
+        if found is not None or not running:
+            return found
+        log.agent(
+            RECOVERY_STAGE,
+            "the build's output pump had stopped while the agent was away; output from then until now is lost",
+        )
+        popen = await self._gateway.in_thread(build_pumps.spawn)
+        return await self._attach_pump(popen, container_id, log)
 
     async def _copy_workspace(self, container_id: str, workspace: Path) -> None:
         try:
@@ -360,8 +423,12 @@ class Builds:
         followed logs request should end by itself; while output still comes in it is only behind
         (a busy host), and it is let go only once OUTPUT_DRAIN_S pass with nothing.
         """
-        assert session.pump is not None and session.copier is not None
         session.exited.set()
+        if session.pump_process is not None or session.pump is None:
+            if session.pump is not None:  # the pump's watch stops a pump whose stream outlives the container
+                await session.pump
+            return
+        assert session.copier is not None
         while True:
             done, _ = await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
             if done:
@@ -427,7 +494,27 @@ class Builds:
         pending = [future for future in (session.pump, session.waiting) if future is not None]
         if pending:
             await asyncio.wait(pending, timeout=OUTPUT_DRAIN_S)
-        await self._gateway.in_thread(functools.partial(remove_cursor, cursor_file))
+        if session.pump_process is not None:
+            # Its container is gone, so its stream ended; one that still runs is stuck, and ours.
+            session.pump_process.kill()
+        elif session.pump_popen is not None:
+            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, session.pump_popen))
+        await self._gateway.in_thread(functools.partial(_forget_output_state, cursor_file))
+
+
+def _is_pumped(details: dict[str, Any]) -> bool:
+    """Whether the build container's output goes to a pump (log driver none) rather than Docker's log.
+
+    A container made by an agent before pumps (json-file) is still followed from its log.
+    """
+    config = ((details.get("HostConfig") or {}).get("LogConfig") or {})
+    return config.get("Type") == PUMPED_LOG_CONFIG["Type"]
+
+
+def _forget_output_state(cursor_file: Path) -> None:
+    """Removes a build's cursor and pump record (both beside its log)."""
+    remove_cursor(cursor_file)
+    build_pumps.forget(cursor_file)
 
 
 def _prepare_copier(log: DeploymentLog, resuming: bool) -> tuple[BuildOutputCopier, BuildCursor | None]:

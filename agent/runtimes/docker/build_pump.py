@@ -1,0 +1,174 @@
+"""A build's output pump: a process of its own that copies the build container's attach stream into the log.
+
+Run as `python -m agent.runtimes.docker.build_pump`, one per build of an engine on this host,
+in a session of its own. It outlives the agent: a SIGKILL, a crash or an upgrade of the agent
+leaves it copying, so no line is lost while the agent is away and the restarted agent only
+watches it to its end (build_pumps). Out of the agent's process, the copy costs the API
+nothing (no GIL shared with the event loop), and since the build's log driver is `none`,
+dockerd only hands the bytes over as it does for `docker run > file` (docs/performance.md).
+
+Protocol on its standard streams: the agent writes one JSON line, the job (socket, container,
+log, stage, max_bytes, secrets: the secrets never go on a command line); the pump attaches and
+answers `attached` (or `error <why>`), after which the agent starts the container. When the
+stream ends (the container stopped) the pump writes, if output was dropped at the cap or some
+log writes failed, one JSON line (DeploymentLog.hand_over) for the agent's own writer of the
+log to take over, so that the log gets one note and a full disk decides the end; then it exits.
+It imports the standard library and agent.logs only: it starts in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.logs import DeploymentLog, LineSplitter, LogPolicy
+
+# Docker's multiplexed stream: an 8-byte header (stream, 3 zero bytes, big-endian length), then the payload.
+_FRAME_HEADER = 8
+_STREAM_NAMES = {1: "stdout", 2: "stderr"}
+_READ_BYTES = 1024 * 1024
+_HEADERS_MAX = 64 * 1024
+ATTACHED = "attached"
+
+
+class AttachFailed(Exception):
+    """The engine did not hand over the container's output stream."""
+
+
+def attach(socket_path: str, container_id: str) -> tuple[socket.socket, bytes]:
+    """The container's attach stream (all output from now on) and the bytes already read past the headers."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(socket_path)
+        connection.sendall(
+            f"POST /containers/{container_id}/attach?stream=1&stdout=1&stderr=1 HTTP/1.1\r\n"
+            "Host: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n".encode("ascii")
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = connection.recv(4096)
+            if not data or len(received) > _HEADERS_MAX:
+                raise AttachFailed("the engine closed the connection before answering")
+            received += data
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].split(b" ")
+        # 101 on an upgrade; engines that hijack the connection without one answer 200.
+        if len(status) < 2 or status[1] not in (b"101", b"200"):
+            raise AttachFailed(f"the engine answered {b' '.join(status[1:]).decode('latin-1')}: {_message(rest)}")
+        return connection, rest
+    except OSError as exc:
+        connection.close()
+        raise AttachFailed(f"attaching to the container failed: {exc.strerror or exc}") from exc
+    except AttachFailed:
+        connection.close()
+        raise
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body.decode("utf-8", "replace")).get("message", ""))
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace").strip()
+
+
+class FrameCopier:
+    """Turns the multiplexed stream into log lines: runs of one stream's frames at a time, whole chunks at once."""
+
+    def __init__(self, log: DeploymentLog, stage: str) -> None:
+        self._log = log
+        self._stage = stage
+        self._splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        buffer = self._buffer
+        buffer += data
+        position, end = 0, len(buffer)
+        run_stream = ""
+        run: list[bytes] = []
+        while end - position >= _FRAME_HEADER:
+            length = int.from_bytes(buffer[position + 4 : position + _FRAME_HEADER], "big")
+            start = position + _FRAME_HEADER
+            if end - start < length:
+                break
+            stream = _STREAM_NAMES.get(buffer[position], "stderr")
+            if stream != run_stream and run:
+                self._write(run_stream, run)
+                run = []
+            run_stream = stream
+            run.append(bytes(buffer[start : start + length]))
+            position = start + length
+        if run:
+            self._write(run_stream, run)
+        del buffer[:position]
+
+    def finish(self) -> None:
+        for name, splitter in self._splitters.items():
+            self._log.write_lines(self._stage, name, splitter.flush())
+
+    def _write(self, stream: str, payloads: list[bytes]) -> None:
+        block = self._splitters[stream].feed_block(b"".join(payloads))
+        if block is not None:
+            self._log.write_block(self._stage, stream, block)
+
+
+def pump(connection: socket.socket, already: bytes, log: DeploymentLog, stage: str) -> None:
+    """Copies until the stream ends; never stops reading early, so the build is never held up by its log."""
+    copier = FrameCopier(log, stage)
+    copier.feed(already)
+    buffer = bytearray(_READ_BYTES)
+    view = memoryview(buffer)
+    try:
+        while count := connection.recv_into(buffer):
+            copier.feed(view[:count])
+    except OSError as exc:
+        log.agent(stage, f"the output stream broke: {exc.strerror or exc}")
+    finally:
+        copier.finish()
+
+
+def _answer(line: str) -> bool:
+    """Writes one line to the agent; False when nobody reads any more (the agent is gone)."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        return True
+    except OSError:
+        sys.stdout = open(os.devnull, "w")  # else the exit's own flush fails again, on stderr
+        return False
+
+
+def main() -> int:
+    line = sys.stdin.readline()
+    if not line:
+        return 2  # the agent went away before it sent the job
+    job: dict[str, Any] = json.loads(line)
+    try:
+        connection, already = attach(str(job["socket"]), str(job["container"]))
+    except AttachFailed as exc:
+        _answer(f"error {exc}")
+        return 1
+    _answer(ATTACHED)
+    # Nothing more comes from the agent; a terminal's signals never reach a process in its own session.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    policy = LogPolicy(max_bytes=int(job["max_bytes"]), secrets=tuple(str(value) for value in job["secrets"]))
+    log = DeploymentLog(Path(job["log"]), policy)
+    try:
+        pump(connection, already, log, str(job["stage"]))
+    finally:
+        connection.close()
+        report = log.hand_over()
+        if report is not None and not _answer(json.dumps(report)):
+            # No agent to take the counts over: this writer notes them itself, if it can.
+            log.take_over(report)
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
