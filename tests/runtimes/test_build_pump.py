@@ -11,7 +11,7 @@ import pytest
 from agent.errors import RuntimeFailure
 from agent.logs import MAX_LINE_BYTES, DeploymentLog, LogPolicy
 from agent.runtimes.docker import build_pumps
-from agent.runtimes.docker.build_pump import FrameCopier
+from agent.runtimes.docker.build_pump import IDLE_CHECK_S, FrameCopier
 from tests.conftest import BASE_IMAGE, log_entries
 
 
@@ -93,3 +93,16 @@ def test_a_pump_given_no_job_exits() -> None:
     popen = build_pumps.spawn()
     build_pumps.dismiss(popen)
     assert popen.returncode == 2
+
+
+@pytest.mark.docker
+def test_a_pump_whose_container_is_removed_before_it_started_ends(tmp_path: Path, docker_client: docker.DockerClient) -> None:
+    """Docker never ends the attach stream of a container removed unstarted (an agent killed between create and start)."""
+    container = docker_client.api.create_container(
+        BASE_IMAGE, ["true"], host_config=docker_client.api.create_host_config(log_config={"Type": "none"}),
+    )
+    log = DeploymentLog(tmp_path / "dep.log")
+    process = build_pumps.hand_job(build_pumps.spawn(), build_pumps.DEFAULT_SOCKET, container["Id"], log, "build")
+    docker_client.api.remove_container(container["Id"], force=True)
+    assert process.popen is not None
+    assert process.popen.wait(timeout=IDLE_CHECK_S + 10) == 0

@@ -18,6 +18,7 @@ It imports the standard library and agent.logs only: it starts in tens of millis
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -32,6 +33,9 @@ _FRAME_HEADER = 8
 _STREAM_NAMES = {1: "stdout", 2: "stderr"}
 _READ_BYTES = 1024 * 1024
 _HEADERS_MAX = 64 * 1024
+# After this long with no output, the pump asks the engine whether its container is still there:
+# Docker 20.10 never ends the attach stream of a container removed before it started.
+IDLE_CHECK_S = 5.0
 ATTACHED = "attached"
 
 
@@ -116,14 +120,50 @@ class FrameCopier:
             self._log.write_block(self._stage, stream, block)
 
 
-def pump(connection: socket.socket, already: bytes, log: DeploymentLog, stage: str) -> None:
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("docker", timeout=IDLE_CHECK_S)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(IDLE_CHECK_S)
+        self.sock.connect(self._socket_path)
+
+
+def container_may_write(socket_path: str, container_id: str) -> bool:
+    """Whether the container can still write: it exists and has not stopped (True when the engine cannot tell)."""
+    connection = _UnixConnection(socket_path)
+    try:
+        connection.request("GET", f"/containers/{container_id}/json")
+        response = connection.getresponse()
+        if response.status == 404:
+            return False
+        state = (json.loads(response.read()) or {}).get("State") or {}
+        return state.get("Status") not in ("exited", "dead", "removing")
+    except (OSError, ValueError, http.client.HTTPException, AttributeError):
+        return True  # the engine is busy or restarting: its stream says when it ends
+    finally:
+        connection.close()
+
+
+def pump(connection: socket.socket, already: bytes, log: DeploymentLog, stage: str, socket_path: str, container_id: str) -> None:
     """Copies until the stream ends; never stops reading early, so the build is never held up by its log."""
     copier = FrameCopier(log, stage)
     copier.feed(already)
     buffer = bytearray(_READ_BYTES)
     view = memoryview(buffer)
+    connection.settimeout(IDLE_CHECK_S)
     try:
-        while count := connection.recv_into(buffer):
+        while True:
+            try:
+                count = connection.recv_into(buffer)
+            except TimeoutError:
+                if container_may_write(socket_path, container_id):
+                    continue
+                break  # gone, or stopped with everything it wrote already read
+            if not count:
+                break
             copier.feed(view[:count])
     except OSError as exc:
         log.agent(stage, f"the output stream broke: {exc.strerror or exc}")
@@ -159,7 +199,7 @@ def main() -> int:
     policy = LogPolicy(max_bytes=int(job["max_bytes"]), secrets=tuple(str(value) for value in job["secrets"]))
     log = DeploymentLog(Path(job["log"]), policy)
     try:
-        pump(connection, already, log, str(job["stage"]))
+        pump(connection, already, log, str(job["stage"]), str(job["socket"]), str(job["container"]))
     finally:
         connection.close()
         report = log.hand_over()
