@@ -121,6 +121,8 @@ class _BuildSession:
     copier: BuildOutputCopier | None = None
     # For a copy from the log file: the container stopped (read to the end), or the copy is let go.
     exited: threading.Event = field(default_factory=threading.Event)
+    # The same, for a pump's watch on the event loop.
+    exited_here: asyncio.Event = field(default_factory=asyncio.Event)
     closing: threading.Event = field(default_factory=threading.Event)
     waiting: asyncio.Future[dict[str, Any]] | None = None
     # Set by stop_deployment: a failure from here on is the stop's doing, not the build's.
@@ -136,6 +138,10 @@ class Builds:
         self._engine_here = engine_here
         # The engine's unix socket, for build output pumps; None: output is read back from Docker's log.
         self._pump_socket = build_pumps.unix_socket_of(gateway.settings.url) if engine_here else None
+        # A started pump waiting for its job: the next build does not wait for Python to start.
+        # It exits by itself when the agent does (its input closes).
+        self._spare_pump: subprocess.Popen[str] | None = None
+        self._refilling: asyncio.Future[None] | None = None
         self._images = images
         self._kill_grace_s = kill_grace_s
         # The builds running now, by deployment id.
@@ -144,8 +150,7 @@ class Builds:
     async def run(self, job: BuildJob, log: DeploymentLog, on_start: OnStart) -> BuildResult:
         """Runs the build command in a fresh container and always removes the container after."""
         await self._images.ensure(job.image, log, STAGE)
-        # Started first: the pump's own start-up overlaps the container's creation.
-        popen = await self._gateway.in_thread(build_pumps.spawn) if self._pump_socket else None
+        popen = await self._take_pump() if self._pump_socket else None
         try:
             container_id = await self._gateway.create_cancel_safe(
                 "creating the build container", lambda client: self._create_container(client, job)
@@ -293,7 +298,7 @@ class Builds:
             if resuming:
                 session.pump_process = await self._find_pump(container_id, log, running=is_running(state))
             if session.pump_process is not None:
-                session.pump = asyncio.ensure_future(build_pumps.watch(session.pump_process, log, STAGE, session.exited))
+                session.pump = asyncio.ensure_future(build_pumps.watch(session.pump_process, log, STAGE, session.exited_here))
             return await self._wait_and_commit(session, job, log, state, resuming=resuming)
         log_file = readable_log_path(details) if self._engine_here else None
         copier, cursor = await self._gateway.in_thread(functools.partial(_prepare_copier, log, resuming))
@@ -342,6 +347,23 @@ class Builds:
                 return BuildResult(exit_code=UNKNOWN_EXIT_CODE, timed_out=False, image=None)
         return BuildResult(exit_code=exit_code, timed_out=False, image=image)
 
+    async def _take_pump(self) -> subprocess.Popen[str]:
+        """The spare pump (a new one if there is none), and another spare started in the background."""
+        popen, self._spare_pump = self._spare_pump, None
+        if popen is None or popen.poll() is not None:
+            popen = await self._gateway.in_thread(build_pumps.spawn)
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.ensure_future(self._refill_spare())
+            self._refilling.add_done_callback(retrieve)
+        return popen
+
+    async def _refill_spare(self) -> None:
+        popen = await self._gateway.in_thread(build_pumps.spawn)
+        if self._spare_pump is None:
+            self._spare_pump = popen
+        else:
+            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen))
+
     async def _attach_pump(self, popen: subprocess.Popen[str], container_id: str, log: DeploymentLog) -> PumpProcess:
         """Hands the started pump its container; once attached, the container may start."""
         assert self._pump_socket is not None
@@ -368,8 +390,7 @@ class Builds:
             RECOVERY_STAGE,
             "the build's output pump had stopped while the agent was away; output from then until now is lost",
         )
-        popen = await self._gateway.in_thread(build_pumps.spawn)
-        return await self._attach_pump(popen, container_id, log)
+        return await self._attach_pump(await self._take_pump(), container_id, log)
 
     async def _copy_workspace(self, container_id: str, workspace: Path) -> None:
         try:
@@ -424,6 +445,7 @@ class Builds:
         (a busy host), and it is let go only once OUTPUT_DRAIN_S pass with nothing.
         """
         session.exited.set()
+        session.exited_here.set()
         if session.pump_process is not None or session.pump is None:
             if session.pump is not None:  # the pump's watch stops a pump whose stream outlives the container
                 await session.pump

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from agent.runtimes.docker.output import OUTPUT_DRAIN_S
 PUMP_SUFFIX = ".build-pump"
 # How often a watched pump's log is looked at: followers see its lines this soon.
 POLL_S = 0.05
+# Once the container exited, its pump ends within a millisecond or two: looked at this often.
+EXIT_POLL_S = 0.002
 # How long a pump may take to start and attach.
 HANDSHAKE_S = 30.0
 DEFAULT_SOCKET = "/var/run/docker.sock"
@@ -173,12 +174,13 @@ def _save(path: Path, process: PumpProcess) -> None:
     os.replace(temporary, path)
 
 
-async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: threading.Event) -> None:
+async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: asyncio.Event) -> None:
     """Waits for the pump to end; meanwhile tells this process's followers of the log when it grows.
 
-    The pump ends with the container's stream. Once the container exited (`exited`), a pump
-    whose log has not grown for OUTPUT_DRAIN_S is stopped: its stream did not end with the
-    container. After it ended, `log` takes over what it dropped or failed to write (see take_counts).
+    The pump ends with the container's stream, a moment after the container (`exited`): from
+    then on it is looked at every EXIT_POLL_S. A pump whose log has not grown for
+    OUTPUT_DRAIN_S after the exit is stopped: its stream did not end with the container. After
+    it ended, `log` takes over what it dropped or failed to write (see take_counts).
     """
     size, quiet_since = -1, time.monotonic()
     seen_exit = False
@@ -194,7 +196,11 @@ async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: th
             log.agent(stage, "the output stream did not end with the container; closing it")
             process.kill()
             break
-        await asyncio.sleep(POLL_S)
+        if seen_exit:
+            await asyncio.sleep(EXIT_POLL_S)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(exited.wait(), POLL_S)
     if process.popen is not None:
         await asyncio.to_thread(_reap_and_take_counts, process, log)
     notify_growth(log.path)
