@@ -20,12 +20,14 @@ import os
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from agent.clock import parse_time, utc_now
 
+# Not typing.TYPE_CHECKING: importing typing alone costs the log-writing processes (see LogPolicy)
+# more than the rest of this module; type checkers treat this name as true all the same.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from agent.models import DeploymentSpec
 
@@ -113,12 +115,28 @@ def _decode(raw: bytes | bytearray) -> str:
 # --- policy: what a log may hold ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class LogPolicy:
-    """What one deployment's log may hold: at most `max_bytes`, and none of `secrets` (shown as ***)."""
+    """What one deployment's log may hold: at most `max_bytes`, and none of `secrets` (shown as ***).
 
-    max_bytes: int = DEFAULT_MAX_LOG_BYTES
-    secrets: tuple[str, ...] = field(default=(), repr=False)
+    A plain class rather than a dataclass: the processes that write logs beside the agent (a
+    build's output pump, a release's supervisor) start once per build or release, and the
+    dataclasses module alone costs them several milliseconds of start-up (inspect, ast).
+    """
+
+    __slots__ = ("max_bytes", "secrets")
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_LOG_BYTES, secrets: tuple[str, ...] = ()) -> None:
+        self.max_bytes = max_bytes
+        self.secrets = secrets
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LogPolicy) and (self.max_bytes, self.secrets) == (other.max_bytes, other.secrets)
+
+    def __hash__(self) -> int:
+        return hash((self.max_bytes, self.secrets))
+
+    def __repr__(self) -> str:
+        return f"LogPolicy(max_bytes={self.max_bytes}, secrets={len(self.secrets)} hidden)"
 
     @classmethod
     def for_spec(cls, spec: DeploymentSpec, max_bytes: int) -> "LogPolicy":

@@ -86,6 +86,7 @@ class ContainerRuntime:
             return
         self._closed = True
         await self._releases.outputs.stop_all()
+        await self._builds.close()
         await self._gateway.close()
 
     # --- builds ----------------------------------------------------------------------------

@@ -347,6 +347,14 @@ class Builds:
                 return BuildResult(exit_code=UNKNOWN_EXIT_CODE, timed_out=False, image=None)
         return BuildResult(exit_code=exit_code, timed_out=False, image=image)
 
+    async def close(self) -> None:
+        """Lets the spare pump go (running builds and their pumps go on)."""
+        if self._refilling is not None:
+            await asyncio.wait({self._refilling}, timeout=5)
+        popen, self._spare_pump = self._spare_pump, None
+        if popen is not None:
+            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen))
+
     async def _take_pump(self) -> subprocess.Popen[str]:
         """The spare pump (a new one if there is none), and another spare started in the background."""
         popen, self._spare_pump = self._spare_pump, None
@@ -372,8 +380,11 @@ class Builds:
         )
         try:
             return await asyncio.wait_for(attach, build_pumps.HANDSHAKE_S)
-        except asyncio.TimeoutError:
+        except asyncio.CancelledError:
             popen.kill()  # the thread's read then ends, and hand_job reaps it
+            raise
+        except asyncio.TimeoutError:
+            popen.kill()
             raise RuntimeFailure(
                 f"following the build's output failed: the output pump did not attach within {build_pumps.HANDSHAKE_S:g}s"
             ) from None

@@ -90,7 +90,8 @@ class PumpProcess:
 def spawn() -> subprocess.Popen[str]:
     """Starts a pump, which waits for its job (see hand_job): its start-up overlaps the container's creation."""
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.runtimes.docker.build_pump"],
+        # -S: no site (and no editable-install finder importing typing); PYTHONPATH finds the package.
+        [sys.executable, "-S", "-m", "agent.runtimes.docker.build_pump"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         # Its own session: it outlives the agent, and signals to the agent's group never reach it.
         start_new_session=True, cwd="/",
