@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import docker
 import pytest
@@ -13,6 +14,20 @@ from agent.logs import MAX_LINE_BYTES, DeploymentLog, LogPolicy
 from agent.runtimes.docker import build_pumps
 from agent.runtimes.docker.build_pump import IDLE_CHECK_S, FrameCopier
 from tests.conftest import BASE_IMAGE, log_entries
+
+
+@pytest.fixture
+def starter() -> Iterator[build_pumps.PumpStarter]:
+    starter = build_pumps.PumpStarter()
+    yield starter
+    starter.close()
+
+
+def wait_until_ended(process: build_pumps.PumpProcess, within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
+    while process.running():
+        assert time.monotonic() < deadline, "the pump did not end"
+        time.sleep(0.02)
 
 
 def frame(stream: int, payload: bytes) -> bytes:
@@ -54,7 +69,7 @@ def test_carriage_returns_bad_utf8_and_secrets_are_handled_line_by_line(tmp_path
 
 @pytest.mark.docker
 def test_the_pump_copies_a_containers_output_and_says_when_it_cannot_attach(
-    tmp_path: Path, docker_client: docker.DockerClient
+    tmp_path: Path, docker_client: docker.DockerClient, starter: build_pumps.PumpStarter
 ) -> None:
     container = docker_client.api.create_container(
         # Docker copies stdout and stderr on their own: their order holds across a pause, as with docker run.
@@ -63,15 +78,11 @@ def test_the_pump_copies_a_containers_output_and_says_when_it_cannot_attach(
     )
     log = DeploymentLog(tmp_path / "dep.log")
     try:
-        process = build_pumps.hand_job(build_pumps.spawn(), build_pumps.DEFAULT_SOCKET, container["Id"], log, "build")
+        process = build_pumps.hand_job(starter.fork(), build_pumps.DEFAULT_SOCKET, container["Id"], log, "build")
         assert build_pumps.find(log.path) is not None  # recorded before the container starts
         docker_client.api.start(container["Id"])
         assert docker_client.api.wait(container["Id"])["StatusCode"] == 0
-        deadline = time.monotonic() + 10
-        while process.running():
-            assert time.monotonic() < deadline, "the pump did not end with its container"
-            time.sleep(0.02)
-        assert process.popen is not None and process.popen.wait() == 0
+        wait_until_ended(process)
     finally:
         docker_client.api.remove_container(container["Id"], force=True)
     log.close()
@@ -80,7 +91,7 @@ def test_the_pump_copies_a_containers_output_and_says_when_it_cannot_attach(
     ]
 
     with pytest.raises(RuntimeFailure, match="No such container"):
-        build_pumps.hand_job(build_pumps.spawn(), build_pumps.DEFAULT_SOCKET, "0" * 64, DeploymentLog(tmp_path / "x.log"), "build")
+        build_pumps.hand_job(starter.fork(), build_pumps.DEFAULT_SOCKET, "0" * 64, DeploymentLog(tmp_path / "x.log"), "build")
 
 
 def test_unix_socket_of() -> None:
@@ -89,20 +100,28 @@ def test_unix_socket_of() -> None:
     assert build_pumps.unix_socket_of("tcp://10.0.0.1:2375") is None
 
 
-def test_a_pump_given_no_job_exits() -> None:
-    popen = build_pumps.spawn()
-    build_pumps.dismiss(popen)
-    assert popen.returncode == 2
+def test_a_pump_given_no_job_exits_and_the_starter_comes_back_after_a_kill(starter: build_pumps.PumpStarter) -> None:
+    pipes = starter.fork()
+    build_pumps.dismiss(pipes)
+    wait_until_ended(build_pumps.PumpProcess(pipes.pid, pipes.started))
+    assert starter._process is not None
+    starter._process.kill()
+    starter._process.wait()
+    again = starter.fork()  # a new starter, transparently
+    assert again.pid != pipes.pid
+    build_pumps.dismiss(again)
+    wait_until_ended(build_pumps.PumpProcess(again.pid, again.started))
 
 
 @pytest.mark.docker
-def test_a_pump_whose_container_is_removed_before_it_started_ends(tmp_path: Path, docker_client: docker.DockerClient) -> None:
+def test_a_pump_whose_container_is_removed_before_it_started_ends(
+    tmp_path: Path, docker_client: docker.DockerClient, starter: build_pumps.PumpStarter
+) -> None:
     """Docker never ends the attach stream of a container removed unstarted (an agent killed between create and start)."""
     container = docker_client.api.create_container(
         BASE_IMAGE, ["true"], host_config=docker_client.api.create_host_config(log_config={"Type": "none"}),
     )
     log = DeploymentLog(tmp_path / "dep.log")
-    process = build_pumps.hand_job(build_pumps.spawn(), build_pumps.DEFAULT_SOCKET, container["Id"], log, "build")
+    process = build_pumps.hand_job(starter.fork(), build_pumps.DEFAULT_SOCKET, container["Id"], log, "build")
     docker_client.api.remove_container(container["Id"], force=True)
-    assert process.popen is not None
-    assert process.popen.wait(timeout=IDLE_CHECK_S + 10) == 0
+    wait_until_ended(process, IDLE_CHECK_S + 10)

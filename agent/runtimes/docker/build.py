@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from agent.runtimes.docker.build_output import (
     remove_cursor,
 )
 from agent.runtimes.docker import build_pumps
-from agent.runtimes.docker.build_pumps import PumpProcess
+from agent.runtimes.docker.build_pumps import PumpPipes, PumpProcess
 from agent.runtimes.docker.hardening import create_running_host_config
 from agent.runtimes.docker.images import WORKSPACE, Images, archive_workspace
 from agent.runtimes.docker.json_log import JsonLogReader, readable_log_path
@@ -114,7 +113,7 @@ class _BuildSession:
 
     container_id: str
     # The output pump of an engine on this host: started before the container is created, then attached.
-    pump_popen: subprocess.Popen[str] | None = None
+    pump_pipes: PumpPipes | None = None
     pump_process: PumpProcess | None = None
     stream: CancellableStream | None = None
     pump: asyncio.Future[None] | None = None
@@ -138,10 +137,7 @@ class Builds:
         self._engine_here = engine_here
         # The engine's unix socket, for build output pumps; None: output is read back from Docker's log.
         self._pump_socket = build_pumps.unix_socket_of(gateway.settings.url) if engine_here else None
-        # A started pump waiting for its job: the next build does not wait for Python to start.
-        # It exits by itself when the agent does (its input closes).
-        self._spare_pump: subprocess.Popen[str] | None = None
-        self._refilling: asyncio.Future[None] | None = None
+        self._pump_starter = build_pumps.PumpStarter()
         self._images = images
         self._kill_grace_s = kill_grace_s
         # The builds running now, by deployment id.
@@ -150,16 +146,17 @@ class Builds:
     async def run(self, job: BuildJob, log: DeploymentLog, on_start: OnStart) -> BuildResult:
         """Runs the build command in a fresh container and always removes the container after."""
         await self._images.ensure(job.image, log, STAGE)
-        popen = await self._take_pump() if self._pump_socket else None
+        # Forked first: the pump gets ready while the container is created.
+        pipes = await self._gateway.in_thread(self._pump_starter.fork) if self._pump_socket else None
         try:
             container_id = await self._gateway.create_cancel_safe(
                 "creating the build container", lambda client: self._create_container(client, job)
             )
         except BaseException:
-            if popen is not None:
-                await asyncio.shield(self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen)))
+            if pipes is not None:
+                build_pumps.dismiss(pipes)
             raise
-        session = _BuildSession(container_id, pump_popen=popen)
+        session = _BuildSession(container_id, pump_pipes=pipes)
         return await self._supervise(session, job, log, self._start_container(job, log, on_start))
 
     async def reattach(self, job: BuildJob, log: DeploymentLog, on_found: OnStart) -> BuildResult | None:
@@ -275,8 +272,8 @@ class Builds:
 
         async def start(session: _BuildSession) -> BuildResult:
             container_id = session.container_id
-            if session.pump_popen is not None:
-                session.pump_process = await self._attach_pump(session.pump_popen, container_id, log)
+            if session.pump_pipes is not None:
+                session.pump_process = await self._attach_pump(session.pump_pipes, container_id, log)
             await self._copy_workspace(container_id, job.workspace)
             if job.workspace_archive is not None:
                 await self._copy_archive(container_id, job.workspace_archive)
@@ -348,43 +345,22 @@ class Builds:
         return BuildResult(exit_code=exit_code, timed_out=False, image=image)
 
     async def close(self) -> None:
-        """Lets the spare pump go (running builds and their pumps go on)."""
-        if self._refilling is not None:
-            await asyncio.wait({self._refilling}, timeout=5)
-        popen, self._spare_pump = self._spare_pump, None
-        if popen is not None:
-            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen))
+        """Ends the pump starter (running builds and their pumps go on)."""
+        await self._gateway.in_thread(self._pump_starter.close)
 
-    async def _take_pump(self) -> subprocess.Popen[str]:
-        """The spare pump (a new one if there is none), and another spare started in the background."""
-        popen, self._spare_pump = self._spare_pump, None
-        if popen is None or popen.poll() is not None:
-            popen = await self._gateway.in_thread(build_pumps.spawn)
-        if self._refilling is None or self._refilling.done():
-            self._refilling = asyncio.ensure_future(self._refill_spare())
-            self._refilling.add_done_callback(retrieve)
-        return popen
-
-    async def _refill_spare(self) -> None:
-        popen = await self._gateway.in_thread(build_pumps.spawn)
-        if self._spare_pump is None:
-            self._spare_pump = popen
-        else:
-            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, popen))
-
-    async def _attach_pump(self, popen: subprocess.Popen[str], container_id: str, log: DeploymentLog) -> PumpProcess:
+    async def _attach_pump(self, pipes: PumpPipes, container_id: str, log: DeploymentLog) -> PumpProcess:
         """Hands the started pump its container; once attached, the container may start."""
         assert self._pump_socket is not None
         attach = self._gateway.in_thread(
-            functools.partial(build_pumps.hand_job, popen, self._pump_socket, container_id, log, STAGE)
+            functools.partial(build_pumps.hand_job, pipes, self._pump_socket, container_id, log, STAGE)
         )
         try:
             return await asyncio.wait_for(attach, build_pumps.HANDSHAKE_S)
         except asyncio.CancelledError:
-            popen.kill()  # the thread's read then ends, and hand_job reaps it
+            pipes.kill()  # the thread's read then ends
             raise
         except asyncio.TimeoutError:
-            popen.kill()
+            pipes.kill()
             raise RuntimeFailure(
                 f"following the build's output failed: the output pump did not attach within {build_pumps.HANDSHAKE_S:g}s"
             ) from None
@@ -401,7 +377,8 @@ class Builds:
             RECOVERY_STAGE,
             "the build's output pump had stopped while the agent was away; output from then until now is lost",
         )
-        return await self._attach_pump(await self._take_pump(), container_id, log)
+        pipes = await self._gateway.in_thread(self._pump_starter.fork)
+        return await self._attach_pump(pipes, container_id, log)
 
     async def _copy_workspace(self, container_id: str, workspace: Path) -> None:
         try:
@@ -530,8 +507,8 @@ class Builds:
         if session.pump_process is not None:
             # Its container is gone, so its stream ended; one that still runs is stuck, and ours.
             session.pump_process.kill()
-        elif session.pump_popen is not None:
-            await self._gateway.in_thread(functools.partial(build_pumps.dismiss, session.pump_popen))
+        elif session.pump_pipes is not None:
+            build_pumps.dismiss(session.pump_pipes)
         await self._gateway.in_thread(functools.partial(_forget_output_state, cursor_file))
 
 

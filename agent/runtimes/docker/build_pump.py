@@ -18,9 +18,11 @@ It imports the standard library and agent.logs only: it starts in tens of millis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -212,5 +214,51 @@ def main() -> int:
     return 0
 
 
+def serve_forks(channel: socket.socket) -> int:
+    """The pump starter: forks one pump per request, so that a build pays no interpreter start-up.
+
+    Each request on `channel` (a unix socket to the agent) carries the two pipe ends that
+    become the new pump's standard input and output; the answer is its pid (4 bytes). The
+    pump gets a session of its own, and the kernel reaps it (SIGCHLD ignored): it outlives
+    this process, which ends when the agent closes the channel (or is gone).
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, 1, 2)
+        except OSError:
+            return 0
+        if not message:
+            return 0
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                os.setsid()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                channel.close()
+                os.dup2(fds[0], 0)
+                os.dup2(fds[1], 1)
+                for fd in fds:
+                    os.close(fd)
+                code = main()
+            finally:
+                with contextlib.suppress(OSError):
+                    sys.stdout.flush()
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        try:
+            channel.sendall(pid.to_bytes(4, "big"))
+        except OSError:
+            return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--fork-server"]:
+        sys.exit(serve_forks(socket.socket(fileno=0)))
     sys.exit(main())

@@ -166,8 +166,16 @@ class RemoteShell:
     ) -> CommandSession:
         """Opens a session channel running `script`; the command waits for `proceed()` to exec."""
         connection = connection or await self.connection()
+        opening = asyncio.ensure_future(connection.create_session(lambda: CommandSession(sink), script, encoding=None))
         try:
-            _, session = await connection.create_session(lambda: CommandSession(sink), script, encoding=None)
+            _, session = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Cancelled while the channel opened: the command may run already, waiting for "go" on
+            # an open channel. Closed, it reads EOF and ends before it starts anything.
+            with contextlib.suppress(BaseException):
+                _, opened = await opening
+                opened.close()
+            raise
         except CONNECTION_ERRORS as exc:
             raise RuntimeFailure(
                 f"cannot start {what} on server {self.server_name}: {describe(exc)}"
