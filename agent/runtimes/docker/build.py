@@ -1,8 +1,9 @@
 """Builds in Docker containers: create, copy the workspace in, start, follow, wait, commit, remove.
 
-A build's output is read back from its Docker log (build_output), from its start on a first
-run and from where the deployment log stopped when a restarted agent takes it back
-(`Builds.reattach`): one path for both. The timeout counts from the container's real start.
+A build's output goes, on an engine of this host, through an output pump (build_pump, a
+process that outlives the agent; build_pumps is the agent's side); on a server's engine it is
+read back from its Docker log (build_output), from where the deployment log stopped when a
+restarted agent takes it back (`Builds.reattach`). First run and re-adoption share one path. The timeout counts from the container's real start.
 
 It runs past 400 lines for a reason: the first run and the re-adoption share one path
 (follow, wait, timeout, commit, cleanup), and splitting it would split that path.

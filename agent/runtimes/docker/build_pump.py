@@ -1,7 +1,8 @@
 """A build's output pump: a process of its own that copies the build container's attach stream into the log.
 
-Run as `python -m agent.runtimes.docker.build_pump`, one per build of an engine on this host,
-in a session of its own. It outlives the agent: a SIGKILL, a crash or an upgrade of the agent
+One per build of an engine on this host, in a session of its own, forked by the pump starter
+(`python -m agent.runtimes.docker.build_pump --fork-server`, serve_forks) so that a build pays
+no interpreter start-up. It outlives the agent: a SIGKILL, a crash or an upgrade of the agent
 leaves it copying, so no line is lost while the agent is away and the restarted agent only
 watches it to its end (build_pumps). Out of the agent's process, the copy costs the API
 nothing (no GIL shared with the event loop), and since the build's log driver is `none`,

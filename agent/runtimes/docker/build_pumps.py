@@ -1,4 +1,4 @@
-"""The agent's side of build output pumps (build_pump): start one, hand it its job, find it again, wait for it.
+"""The agent's side of build output pumps (build_pump): fork one, hand it its job, find it again, wait for it.
 
 A pump is recorded in `logs/<id>.build-pump` (its pid and start time) before its build starts,
 so that a restarted agent finds it again, and never mistakes another process that got its pid
