@@ -82,6 +82,9 @@ class OutputFollower:
                     if not gone and loop.time() >= next_liveness:
                         next_liveness = loop.time() + LIVENESS_EVERY_S
                         gone = not await is_running()
+                        if gone:
+                            # It may have written its exit code and ended since the read above.
+                            code = await self._read_exit_code(sftp)
                     if gone:
                         # The supervisor writes exit_code after the command's last write: one more read.
                         await self._copy_new(sftp)
