@@ -83,14 +83,38 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "in use" in self.output()[-2000:] and self._move_to_a_new_port():
+                    return self.start(timeout)  # another test's agent took the free port first
                 raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.output()}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                # The answer must be this agent's: another test's agent may have taken the same free port.
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200 and self._listens():
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"agent did not become healthy:\n{self.output()}")
+
+    def _move_to_a_new_port(self) -> bool:
+        self._port_moves = getattr(self, "_port_moves", 0) + 1
+        if self._port_moves > 3:
+            return False
+        old = f'listen = "127.0.0.1:{self.port}"'
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path.write_text(self.config_path.read_text().replace(old, f'listen = "127.0.0.1:{self.port}"'))
+        return True
+
+    def _listens(self) -> bool:
+        """Whether this agent's own process listens on its port."""
+        assert self.process is not None
+        try:
+            return any(
+                conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.port
+                for conn in psutil.Process(self.process.pid).net_connections(kind="tcp")
+            )
+        except psutil.Error:
+            return False
 
     def output(self) -> str:
         return self.output_path.read_text(errors="replace") if self.output_path.exists() else ""
