@@ -545,6 +545,18 @@ def parse_log_line(raw: str) -> tuple[float, str, str, str] | None:
     return stamp.timestamp(), fields[1], fields[2], text
 
 
+def replace_beside_log(path: Path, text: str) -> None:
+    """Replaces a file kept beside a log (a build's cursor, its pump's record) in one step, readable by the agent alone.
+
+    A kill leaves the old content or the new one, never half of one.
+    """
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOG_FILE_MODE)
+    with open(descriptor, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
 def log_size(path: Path) -> int:
     try:
         return os.stat(path).st_size

@@ -54,6 +54,8 @@ class AgentProcess:
         self.config_path = config_dir / f"{state_dir.name}.toml"
         self.output_path = state_dir.parent / f"{state_dir.name}.out"
         self.process: subprocess.Popen[bytes] | None = None
+        # How often start() moved to a new port because another test's agent took this one first.
+        self._port_moves = 0
         settings = {"kill_grace_s": 2, "shutdown_grace_s": 5, "max_concurrent": 4, **agent_settings}
         lines = ["[agent]", f'listen = "127.0.0.1:{self.port}"', f'state_dir = "{state_dir}"']
         lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
@@ -96,7 +98,7 @@ class AgentProcess:
         raise AssertionError(f"agent did not become healthy:\n{self.output()}")
 
     def _move_to_a_new_port(self) -> bool:
-        self._port_moves = getattr(self, "_port_moves", 0) + 1
+        self._port_moves += 1
         if self._port_moves > 3:
             return False
         old = f'listen = "127.0.0.1:{self.port}"'

@@ -102,14 +102,14 @@ def test_unix_socket_of() -> None:
 
 def test_a_pump_given_no_job_exits_and_the_starter_comes_back_after_a_kill(starter: build_pumps.PumpStarter) -> None:
     pipes = starter.fork()
-    build_pumps.dismiss(pipes)
+    pipes.close()
     wait_until_ended(build_pumps.PumpProcess(pipes.pid, pipes.started))
     assert starter._process is not None
     starter._process.kill()
     starter._process.wait()
     again = starter.fork()  # a new starter, transparently
     assert again.pid != pipes.pid
-    build_pumps.dismiss(again)
+    again.close()
     wait_until_ended(build_pumps.PumpProcess(again.pid, again.started))
 
 

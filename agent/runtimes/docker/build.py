@@ -3,7 +3,8 @@
 A build's output goes, on an engine of this host, through an output pump (build_pump, a
 process that outlives the agent; build_pumps is the agent's side); on a server's engine it is
 read back from its Docker log (build_output), from where the deployment log stopped when a
-restarted agent takes it back (`Builds.reattach`). First run and re-adoption share one path. The timeout counts from the container's real start.
+restarted agent takes it back (`Builds.reattach`). First run and re-adoption share one path.
+The timeout counts from the container's real start.
 
 It runs past 400 lines for a reason: the first run and the re-adoption share one path
 (follow, wait, timeout, commit, cleanup), and splitting it would split that path.
@@ -155,7 +156,7 @@ class Builds:
             )
         except BaseException:
             if pipes is not None:
-                build_pumps.dismiss(pipes)
+                pipes.close()
             raise
         session = _BuildSession(container_id, pump_pipes=pipes)
         return await self._supervise(session, job, log, self._start_container(job, log, on_start))
@@ -435,11 +436,10 @@ class Builds:
         """
         session.exited.set()
         session.exited_here.set()
-        if session.pump_process is not None or session.pump is None:
-            if session.pump is not None:  # the pump's watch stops a pump whose stream outlives the container
+        if session.copier is None:  # output through a pump: its watch stops one whose stream outlives the container
+            if session.pump is not None:
                 await session.pump
             return
-        assert session.copier is not None
         while True:
             done, _ = await asyncio.wait({session.pump}, timeout=OUTPUT_DRAIN_S)
             if done:
@@ -509,7 +509,7 @@ class Builds:
             # Its container is gone, so its stream ended; one that still runs is stuck, and ours.
             session.pump_process.kill()
         elif session.pump_pipes is not None:
-            build_pumps.dismiss(session.pump_pipes)
+            session.pump_pipes.close()
         await self._gateway.in_thread(functools.partial(_forget_output_state, cursor_file))
 
 

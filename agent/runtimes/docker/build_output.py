@@ -22,16 +22,14 @@ from typing import Any, Iterator
 import docker
 from docker.types.daemon import CancellableStream
 
-from agent.logs import LOG_FILE_MODE, MAX_LINE_BYTES, READ_CHUNK_BYTES, DeploymentLog, LineSplitter
+from agent.logs import MAX_LINE_BYTES, READ_CHUNK_BYTES, DeploymentLog, LineSplitter, replace_beside_log
 from agent.runtimes.docker.gateway import explain
+from agent.runtimes.docker.frames import whole_frames
 from agent.runtimes.docker.json_log import Entry, FilePosition, JsonLogReader
 
 BUILD_CURSOR_SUFFIX = ".build-cursor"
 # How often, at most, the copy's cursor is written: per line would cost the API its speed.
 CURSOR_SAVE_S = 0.25
-# Docker's multiplexed stream: a frame is an 8-byte header (stream, 3 zero bytes, length), then its payload.
-_FRAME_HEADER = 8
-_STREAM_NAMES = {1: "stdout", 2: "stderr"}
 _READ_BYTES = 256 * 1024
 # A text of this many characters is at most MAX_LINE_BYTES long in UTF-8.
 _MAX_CHARS = MAX_LINE_BYTES // 4
@@ -82,11 +80,7 @@ def load_cursor(path: Path) -> BuildCursor | None:
 
 def save_cursor(path: Path, cursor: BuildCursor) -> None:
     """Replaces the cursor file in one step: a kill leaves the old cursor or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOG_FILE_MODE)
-    with open(descriptor, "w") as handle:
-        handle.write(json.dumps(asdict(cursor)))
-    os.replace(temporary, path)
+    replace_beside_log(path, json.dumps(asdict(cursor)))
 
 
 def remove_cursor(path: Path) -> None:
@@ -310,15 +304,10 @@ class BuildOutputCopier:
 
     def _take_frames(self, buffer: bytearray) -> int:
         """Handles every whole frame in `buffer`; returns how many bytes they took."""
-        position, end = 0, len(buffer)
-        while end - position >= _FRAME_HEADER:
-            length = int.from_bytes(buffer[position + 4 : position + _FRAME_HEADER], "big")
-            start = position + _FRAME_HEADER
-            if end - start < length:
-                break
-            self._take_frame(_STREAM_NAMES.get(buffer[position], "stderr"), bytes(buffer[start : start + length]))
-            position = start + length
-        return position
+        frames, used = whole_frames(buffer)
+        for stream, payload in frames:
+            self._take_frame(stream, payload)
+        return used
 
     def _take_entries(self, entries: list[Entry]) -> None:
         """Entries of the log file, a run of one stream's at a time, with whole-string operations where they can be."""

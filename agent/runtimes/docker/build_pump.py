@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.logs import DeploymentLog, LineSplitter, LogPolicy
+from agent.runtimes.docker.frames import whole_frames
 
-# Docker's multiplexed stream: an 8-byte header (stream, 3 zero bytes, big-endian length), then the payload.
-_FRAME_HEADER = 8
-_STREAM_NAMES = {1: "stdout", 2: "stderr"}
 _READ_BYTES = 1024 * 1024
 _HEADERS_MAX = 64 * 1024
 # After this long with no output, the pump asks the engine whether its container is still there:
@@ -94,26 +92,19 @@ class FrameCopier:
         self._buffer = bytearray()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        buffer = self._buffer
-        buffer += data
-        position, end = 0, len(buffer)
+        self._buffer += data
+        frames, used = whole_frames(self._buffer)
+        del self._buffer[:used]
         run_stream = ""
         run: list[bytes] = []
-        while end - position >= _FRAME_HEADER:
-            length = int.from_bytes(buffer[position + 4 : position + _FRAME_HEADER], "big")
-            start = position + _FRAME_HEADER
-            if end - start < length:
-                break
-            stream = _STREAM_NAMES.get(buffer[position], "stderr")
+        for stream, payload in frames:
             if stream != run_stream and run:
                 self._write(run_stream, run)
                 run = []
             run_stream = stream
-            run.append(bytes(buffer[start : start + length]))
-            position = start + length
+            run.append(payload)
         if run:
             self._write(run_stream, run)
-        del buffer[:position]
 
     def finish(self) -> None:
         for name, splitter in self._splitters.items():

@@ -26,7 +26,8 @@ import psutil
 
 import agent
 from agent.errors import RuntimeFailure
-from agent.logs import LOG_FILE_MODE, DeploymentLog, notify_growth
+from agent.logs import DeploymentLog, log_size, notify_growth, replace_beside_log
+from agent.runtimes import process_tree
 from agent.runtimes.docker.build_pump import ATTACHED
 from agent.runtimes.docker.output import OUTPUT_DRAIN_S
 
@@ -71,6 +72,7 @@ class PumpPipes:
         PumpProcess(self.pid, self.started).kill()
 
     def close(self) -> None:
+        """Closes both ends; a pump that got no job yet reads EOF and exits at once."""
         for stream in (self.job, self.answers):
             with contextlib.suppress(OSError):
                 stream.close()
@@ -86,11 +88,7 @@ class PumpProcess:
 
     def running(self) -> bool:
         """Whether it still copies; never confused with another process that got its pid."""
-        try:
-            process = psutil.Process(self.pid)
-            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return process_tree.is_running(self.pid, self.started)
 
     def kill(self) -> None:
         """SIGKILL, only while it is still this pump."""
@@ -190,11 +188,6 @@ def _receive_exactly(channel: socket.socket, count: int) -> bytes:
     return data
 
 
-def dismiss(pipes: PumpPipes) -> None:
-    """Lets a pump that got no job go: with its input closed it exits at once."""
-    pipes.close()
-
-
 def hand_job(pipes: PumpPipes, socket_path: str, container_id: str, log: DeploymentLog, stage: str) -> PumpProcess:
     """Attaches the pump to the (created, not yet started) container and records it; blocks: run in a thread.
 
@@ -215,7 +208,7 @@ def hand_job(pipes: PumpPipes, socket_path: str, container_id: str, log: Deploym
         if answer != ATTACHED:
             raise RuntimeFailure(f"following the build's output failed: {answer.removeprefix('error ') or 'no answer'}")
         try:
-            _save(pump_file(log.path), process)
+            replace_beside_log(pump_file(log.path), json.dumps({"pid": process.pid, "started": process.started}))
         except OSError as exc:
             raise RuntimeFailure(f"recording the build's output pump failed: {exc.strerror or exc}") from exc
     except BaseException:
@@ -247,15 +240,6 @@ def _start_time(pid: int) -> float:
         return 0.0
 
 
-def _save(path: Path, process: PumpProcess) -> None:
-    """Replaces the record in one step: a kill leaves the old one or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOG_FILE_MODE)
-    with open(descriptor, "w") as handle:
-        handle.write(json.dumps({"pid": process.pid, "started": process.started}))
-    os.replace(temporary, path)
-
-
 async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: asyncio.Event) -> None:
     """Waits for the pump to end; meanwhile tells this process's followers of the log when it grows.
 
@@ -267,7 +251,7 @@ async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: as
     size, quiet_since = -1, time.monotonic()
     seen_exit = False
     while process.running():
-        current = _size(log.path)
+        current = log_size(log.path)
         now = time.monotonic()
         if exited.is_set() and not seen_exit:
             seen_exit, quiet_since = True, now
@@ -287,9 +271,3 @@ async def watch(process: PumpProcess, log: DeploymentLog, stage: str, exited: as
         await asyncio.to_thread(process.take_counts, log)
     notify_growth(log.path)
 
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
