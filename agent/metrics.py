@@ -54,6 +54,7 @@ class Metrics:
             buckets=_REQUEST_BUCKETS,
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, int], Histogram] = {}
         self._releases = Counter(
             "deploy_agent_releases",
             "Releases that were started and ended, by outcome (succeeded: promoted into service).",
@@ -123,7 +124,12 @@ class Metrics:
         self._health_checks.labels(result="passed" if passed else "failed").inc()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._requests.labels(route=route, method=method, status=str(status)).observe(max(0.0, seconds))
+        # labels() validates and locks on every call; the (route, method, status) set is small and fixed.
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._requests.labels(route=route, method=method, status=str(status))
+        child.observe(max(0.0, seconds))
 
     def render(
         self,

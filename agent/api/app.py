@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from agent.engine import Engine
 
 logger = structlog.get_logger("agent.api")
+_STDLIB_LOGGER = logging.getLogger("agent.api")
 RETRY_AFTER_S = 5
 
 
@@ -105,7 +107,12 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
 
 def _log_request(request: web.Request, status: int, started: float) -> None:
     # Reads are frequent (pollers, followers): debug; writes and failures: info.
-    log = logger.debug if request.method in ("GET", "HEAD") and status < 400 else logger.info
+    if request.method in ("GET", "HEAD") and status < 400:
+        if not _STDLIB_LOGGER.isEnabledFor(logging.DEBUG):
+            return  # structlog would build the event and bind a logger only for its level filter to drop it
+        log = logger.debug
+    else:
+        log = logger.info
     log(
         "http request",
         method=request.method,

@@ -22,6 +22,9 @@ from agent.models import Deployment, DeploymentFilter
 Page = tuple[list[Deployment], int | None]
 # The bodies kept for unchanged answers (RenderedBodies), in all.
 RENDERED_BYTES = 8 * 1024 * 1024
+# Distinct list query strings kept parsed (list_query).
+LIST_QUERIES_KEPT = 256
+_LIST_QUERIES: OrderedDict[str, tuple[DeploymentFilter, str]] = OrderedDict()
 
 
 def matches(request: web.Request, tag: str) -> bool:
@@ -64,9 +67,8 @@ async def answer_list(
 ) -> web.Response:
     """`GET /v1/deployments`: 304 while the client's tag is current; held up to `wait` while it is, or while
     the page is empty (a poller's `updated_since` newer than everything)."""
-    query = parse_list_query(request.query)
+    query, key = list_query(request)
     wait_s = parse_wait(request.query)
-    key = "&".join(f"{name}={value}" for name, value in sorted(request.query.items()) if name != "wait")
     deadline = time.monotonic() + (wait_s or 0.0)
     while True:
         tag = changes.list_tag(key)
@@ -87,6 +89,23 @@ async def answer_list(
     if page:
         keep_body(changes, f"list?{key}", tag, response)
     return response
+
+
+def list_query(request: web.Request) -> tuple[DeploymentFilter, str]:
+    """The filter of a list request and its normalised query (without `wait`), the key of its tag.
+
+    Parsed once per distinct query string: a control plane asks the same few queries over and
+    over. Only queries that parsed are kept (a bad one raises each time).
+    """
+    raw = request.query_string
+    known = _LIST_QUERIES.get(raw)
+    if known is None:
+        query = parse_list_query(request.query)
+        key = "&".join(f"{name}={value}" for name, value in sorted(request.query.items()) if name != "wait")
+        known = _LIST_QUERIES[raw] = (query, key)
+        if len(_LIST_QUERIES) > LIST_QUERIES_KEPT:
+            _LIST_QUERIES.popitem(last=False)
+    return known
 
 
 def cached_body(changes: ChangeFeed, key: str, tag: str) -> web.Response | None:

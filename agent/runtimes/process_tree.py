@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,65 @@ def proven_process(pid: int | None, started_at: float | None) -> psutil.Process 
 def is_running(pid: int | None, started_at: float | None) -> bool:
     process = proven_process(pid, started_at)
     return process is not None and is_alive(process)
+
+
+class ProvenLiveness:
+    """Whether a process proven once by its start time still runs, asked often and cheaply.
+
+    After the proof (a few /proc reads) it holds a pidfd, which becomes readable when that
+    process ends: each later question is one poll of it, and a later process with the same pid
+    can never answer for it. Where pidfds are refused (an old kernel, a syscall filter), each
+    question is the full proof again. Thread-safe.
+    """
+
+    def __init__(self, pid: int, started_at: float) -> None:
+        self.pid, self.started_at = pid, started_at
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._ended = False
+
+    def running(self) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            if self._fd is None:
+                return self._prove()
+            readable, _, _ = select.select([self._fd], [], [], 0)
+            if readable:
+                self._end()
+                return False
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _prove(self) -> bool:
+        try:
+            # Opened before the proof: if the proof holds, the pidfd is of the proven process.
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._ended = True
+            return False
+        except OSError:
+            return is_running(self.pid, self.started_at)
+        if not is_running(self.pid, self.started_at):
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def _end(self) -> None:
+        self._ended = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 def _group_still_ours(tree: ProcessTree, known: dict[int, psutil.Process]) -> bool:

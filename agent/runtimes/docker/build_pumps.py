@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -85,10 +85,15 @@ class PumpProcess:
     pid: int
     started: float
     pipes: PumpPipes | None = None
+    # Asked every POLL_S by watch, for each build: a pidfd poll rather than /proc reads.
+    _liveness: process_tree.ProvenLiveness = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._liveness = process_tree.ProvenLiveness(self.pid, self.started)
 
     def running(self) -> bool:
         """Whether it still copies; never confused with another process that got its pid."""
-        return process_tree.is_running(self.pid, self.started)
+        return self._liveness.running()
 
     def kill(self) -> None:
         """SIGKILL, only while it is still this pump."""
