@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import socket
 import statistics
@@ -170,7 +171,9 @@ class Agent:
 # --- bare baselines ------------------------------------------------------------------------
 
 BARE_SERVER = r'''
-import json, os, sqlite3, sys
+import importlib, json, os, sqlite3, sys
+for name in filter(None, os.environ.get("BARE_IMPORTS", "").split(",")):
+    importlib.import_module(name)
 from aiohttp import web
 body = open(sys.argv[2], "rb").read()
 db = sqlite3.connect(sys.argv[3], isolation_level=None, check_same_thread=False)
@@ -190,11 +193,18 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 '''
 
 
+# What the mandated stack costs before any agent code: the floor of an idle agent's RSS
+# (pydantic.main: `import pydantic` alone defers BaseModel, which every pydantic user loads).
+STACK_IMPORTS = (
+    "asyncio", "sqlite3", "aiohttp.web", "pydantic.main", "docker", "structlog", "prometheus_client", "psutil",
+)
+
+
 class BareServer:
     """A bare aiohttp process: GET /fixed answers `body` as it is, POST /insert writes one SQLite row
     with the agent's durability (WAL, synchronous=FULL), on the event loop, as simply as can be."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, *, python: str | None = None, imports: tuple[str, ...] = ()) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-bare-")
         directory = Path(self._tmp.name)
         (directory / "server.py").write_text(BARE_SERVER)
@@ -202,9 +212,9 @@ class BareServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, str(directory / "server.py"), str(self.port), str(directory / "body.json"),
+            [python or sys.executable, str(directory / "server.py"), str(self.port), str(directory / "body.json"),
              str(directory / "bare.sqlite")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "BARE_IMPORTS": ",".join(imports)},
         )
         wait_healthy(self.url, self.process)
 

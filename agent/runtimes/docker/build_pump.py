@@ -206,6 +206,11 @@ def main() -> int:
     return 0
 
 
+# Copying output is batch work; the agent's API is not. Under CPU contention (builds printing
+# flat out on a small host) a pump yields to the API, and the build waits on its full pipe.
+PUMP_NICENESS = 10
+
+
 def serve_forks(channel: socket.socket) -> int:
     """The pump starter: forks one pump per request, so that a build pays no interpreter start-up.
 
@@ -231,6 +236,7 @@ def serve_forks(channel: socket.socket) -> int:
             code = 70
             try:
                 os.setsid()
+                os.nice(PUMP_NICENESS)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 channel.close()
                 os.dup2(fds[0], 0)
