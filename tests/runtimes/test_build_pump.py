@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Iterator
 
 import docker
+import psutil
 import pytest
 
 from agent.errors import RuntimeFailure
 from agent.logs import MAX_LINE_BYTES, DeploymentLog, LogPolicy
 from agent.runtimes.docker import build_pumps
-from agent.runtimes.docker.build_pump import IDLE_CHECK_S, FrameCopier
+from agent.runtimes.docker.build_pump import IDLE_CHECK_S, PUMP_NICENESS, FrameCopier
 from tests.conftest import BASE_IMAGE, log_entries
 
 
@@ -111,6 +113,20 @@ def test_a_pump_given_no_job_exits_and_the_starter_comes_back_after_a_kill(start
     assert again.pid != pipes.pid
     again.close()
     wait_until_ended(build_pumps.PumpProcess(again.pid, again.started))
+
+
+def test_a_pump_runs_niced_below_the_agent(starter: build_pumps.PumpStarter) -> None:
+    pipes = starter.fork()
+    try:
+        expected = min(os.nice(0) + PUMP_NICENESS, 19)
+        pump = psutil.Process(pipes.pid)
+        deadline = time.monotonic() + 5
+        while pump.nice() != expected:  # the starter names the pid as soon as it forked
+            assert time.monotonic() < deadline, f"the pump runs at niceness {pump.nice()}, not {expected}"
+            time.sleep(0.01)
+    finally:
+        pipes.close()
+    wait_until_ended(build_pumps.PumpProcess(pipes.pid, pipes.started))
 
 
 @pytest.mark.docker

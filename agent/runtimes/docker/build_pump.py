@@ -38,6 +38,9 @@ _HEADERS_MAX = 64 * 1024
 # Docker 20.10 never ends the attach stream of a container removed before it started.
 IDLE_CHECK_S = 5.0
 ATTACHED = "attached"
+# Copying output is batch work; the agent's API is not. Under CPU contention (builds printing
+# flat out on a small host) a pump yields to the API, and the build waits on its full pipe.
+PUMP_NICENESS = 10
 # The container's state in the engine's inspect answer (its first "Status" after "State").
 _STATE_STATUS = re.compile(rb'"State":\s*\{[^{}]*?"Status":\s*"([a-z]+)"')
 
@@ -204,11 +207,6 @@ def main() -> int:
             log.take_over(report)
         log.close()
     return 0
-
-
-# Copying output is batch work; the agent's API is not. Under CPU contention (builds printing
-# flat out on a small host) a pump yields to the API, and the build waits on its full pipe.
-PUMP_NICENESS = 10
 
 
 def serve_forks(channel: socket.socket) -> int:
