@@ -39,8 +39,20 @@ def base_image(docker_client: docker.DockerClient) -> str:
 
 
 def containers_of(client: docker.DockerClient, deployment_id: str) -> list:
-    """Every container, running or not, labelled with this deployment."""
-    return client.containers.list(all=True, filters={"label": f"deploy-agent.deployment={deployment_id}"})
+    """Every container, running or not, labelled with this deployment, inspected.
+
+    Listed sparse, then inspected one by one: the SDK's non-sparse list inspects
+    inside the call and raises NotFound for a container removed in between (a
+    build that just ended), which is no container of ours any more.
+    """
+    listed = client.containers.list(all=True, sparse=True, filters={"label": f"deploy-agent.deployment={deployment_id}"})
+    found = []
+    for container in listed:
+        try:
+            found.append(client.containers.get(container.id))
+        except docker.errors.NotFound:
+            continue
+    return found
 
 
 def log_entries(path: Path) -> list[tuple[str, str, str]]:
@@ -75,12 +87,15 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def sshd_remote(tmp_path_factory: pytest.TempPathFactory):
-    """A real sshd at an address of its own, inside a network namespace (10.231.x.2:22)."""
+    """A real sshd at an address of its own, inside a network namespace (10.23W.x.2:22, W the xdist worker)."""
     from tests.sshd import make_namespace, remove_namespace, start_sshd
 
     index = next(_NAMESPACES)
+    # One /16 per xdist worker: two workers at the same address would each reach the other's
+    # sshd now and then, and its host key is not the one they trust. 10.231.0.x is the swarm's.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     name = f"datest{os.getpid() % 1000}n{index}"
-    host_address, peer_address = f"10.231.{index}.1", f"10.231.{index}.2"
+    host_address, peer_address = f"10.{232 + worker}.{index}.1", f"10.{232 + worker}.{index}.2"
     make_namespace(name, host_address, peer_address)
     try:
         server = start_sshd(tmp_path_factory.mktemp("sshd-remote"), host=peer_address, namespace=name)

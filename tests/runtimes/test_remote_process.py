@@ -444,6 +444,28 @@ async def test_a_release_that_exits_reports_its_code_and_output(
     await runtime.remove_release(handle, 1.0)
 
 
+async def test_releases_that_end_at_once_still_start_and_report_their_code(
+    runtime: RemoteProcessRuntime, log: DeploymentLog, remote_root: Path, tmp_path: Path
+) -> None:
+    """A release over before its launcher looks at it (maybe reaped already) still starts, and its code is known."""
+    workdir = remote_root / "releases" / "dep_quick"
+    workdir.mkdir(parents=True)
+    for attempt in range(12):
+        spec = replace(
+            release_spec(tmp_path, workdir, "exit 7", free_port()),
+            deployment_id=f"dep_quick{attempt}", log_path=tmp_path / f"quick{attempt}.log",
+        )
+        handle = await runtime.start_release(spec, log)
+        assert handle.pid is not None and handle.pid > 1 and handle.pid_started_at
+
+        async def ended() -> ReleaseState | None:
+            state = await runtime.release_state(handle)
+            return None if state.running else state
+
+        assert (await eventually(ended, "the quick release to end")).exit_code == 7
+        await runtime.remove_release(handle, 1.0)
+
+
 async def test_a_release_in_a_missing_directory_fails_to_start(
     runtime: RemoteProcessRuntime, log: DeploymentLog, remote_root: Path, tmp_path: Path
 ) -> None:
@@ -456,7 +478,7 @@ async def test_a_release_in_a_missing_directory_fails_to_start(
 async def test_a_server_in_its_own_network_namespace_runs_builds_and_releases(
     sshd_remote: SshServer, log: DeploymentLog, source_dir: Path, tmp_path: Path
 ) -> None:
-    """Against the namespaced sshd (10.231.x.2): a build runs, and a release answers at the server's address."""
+    """Against the namespaced sshd (10.23W.x.2): a build runs, and a release answers at the server's address."""
     connections = Connections(sshd_remote)
     remote_root = tmp_path / "remote-root"
     runtime = RemoteProcessRuntime("far", connections, kill_grace_s=1.0, remote_root=str(remote_root))

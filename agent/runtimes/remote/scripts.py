@@ -116,6 +116,7 @@ run=$1; shift
 ticks=$(read -r s < "/proc/$$/stat"; s=${s##*) }; IFS=' '; set -- $s; echo "${20}")
 DEPLOY_AGENT_GROUP="$$:$ticks"
 export DEPLOY_AGENT_GROUP
+echo "$$ $ticks" > "$run/started"
 unset ticks
 trap : TERM INT HUP
 "$@" &
@@ -182,7 +183,7 @@ def release_script(
         "command -v setsid >/dev/null 2>&1 || { echo 'setsid is not installed on the server' >&2; exit 127; }",
         # Prepared from the login's home, where relative run directories are meant.
         f"mkdir -p -- {run} || exit",
-        f"rm -f -- {run}/exit_code",
+        f"rm -f -- {run}/exit_code {run}/started",
         f": > {run}/stdout && : > {run}/stderr || exit",
         f"_da_run=$(cd -- {run} && pwd) || exit",
         *([f"mkdir -p -- {shlex.quote(directory)} || exit"] if create_dir else []),
@@ -198,19 +199,25 @@ def release_script(
         ' </dev/null >>"$_da_run/stdout" 2>>"$_da_run/stderr" &',
         "_da_pid=$!",
         "IFS=' '",
-        # The pid is reported only once setsid has made it a group leader (or it has ended): a
-        # kill of group $pid right after the report must find the group. The child may have
-        # ended already; unreaped, its stat is still there. Builtins only, so the wait is short.
+        # The supervisor writes `pid starttime` to $run/started once setsid has made it a group
+        # leader, so a kill of group $pid right after the report finds the group. Not /proc here:
+        # a release that ends at once may be reaped by this shell before its stat is read. The
+        # file is one short write, so it is empty or whole. Builtins first, so the wait is short.
         "_da_tries=0",
-        "while :; do",
-        '  { read -r _da_stat < "/proc/$_da_pid/stat"; } || exit 126',
-        "  _da_stat=${_da_stat##*) }",
-        "  set -- $_da_stat",
-        '  [ "$3" = "$_da_pid" ] || [ "$1" = Z ] && break',
+        'while [ ! -s "$_da_run/started" ]; do',
+        '  _da_state=gone',
+        '  { read -r _da_stat < "/proc/$_da_pid/stat"; } 2>/dev/null && _da_state=${_da_stat##*) } && _da_state=${_da_state%% *}',
+        '  if [ "$_da_state" = gone ] || [ "$_da_state" = Z ]; then',
+        '    [ -s "$_da_run/started" ] && break',
+        "    echo 'the release supervisor ended before it reported its start' >&2; exit 126",
+        "  fi",
         "  _da_tries=$((_da_tries + 1))",
-        '  [ "$_da_tries" -lt 20000 ] || break',
+        '  [ "$_da_tries" -lt 20000 ] && continue',
+        '  [ "$_da_tries" -lt 21000 ] || { echo \'the release supervisor did not report its start\' >&2; exit 126; }',
+        "  sleep 0.01 2>/dev/null || sleep 1",
         "done",
-        f'echo "{MARKER} $_da_pid ${{20}}"',
+        '{ read -r _da_started < "$_da_run/started"; } || exit 126',
+        f'echo "{MARKER} $_da_started"',
     ]
     return sh_command("\n".join(lines))
 
