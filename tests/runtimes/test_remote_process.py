@@ -25,7 +25,7 @@ import pytest
 
 from agent.errors import RuntimeFailure
 from agent.logs import DeploymentLog
-from agent.runtimes.base import ReleaseSpec, ReleaseState
+from agent.runtimes.base import ReleaseHandle, ReleaseSpec, ReleaseState
 from agent.runtimes.remote import RemoteBuildJob, RemoteProcessRuntime
 from tests.conftest import log_entries
 from tests.sshd import SshServer, free_port
@@ -387,6 +387,16 @@ async def test_remove_dir_deletes_only_under_the_remote_root(
 # -- releases ------------------------------------------------------------------------------------
 
 
+async def release_end(runtime: RemoteProcessRuntime, handle: ReleaseHandle, what: str) -> ReleaseState:
+    """The state of `handle` once its release has ended by itself."""
+
+    async def ended() -> ReleaseState | None:
+        state = await runtime.release_state(handle)
+        return None if state.running else state
+
+    return await eventually(ended, what)
+
+
 def release_spec(tmp_path: Path, workdir: Path, command: tuple[str, ...] | str, port: int) -> ReleaseSpec:
     return ReleaseSpec(
         deployment_id="dep_release", application="web", runtime="process", command=command, env={"GREETING": "hi there"},
@@ -434,11 +444,7 @@ async def test_a_release_that_exits_reports_its_code_and_output(
     workdir.mkdir(parents=True)
     spec = release_spec(tmp_path, workdir, 'echo "$GREETING"; echo oops >&2; exit 3', free_port())
     handle = await runtime.start_release(spec, log)
-    async def ended() -> ReleaseState | None:
-        state = await runtime.release_state(handle)
-        return None if state.running else state
-
-    state = await eventually(ended, "the release to end")
+    state = await release_end(runtime, handle, "the release to end")
     assert state.exit_code == 3
     assert await runtime.last_output(handle, 10) == ["hi there", "oops"]
     await runtime.remove_release(handle, 1.0)
@@ -457,12 +463,7 @@ async def test_releases_that_end_at_once_still_start_and_report_their_code(
         )
         handle = await runtime.start_release(spec, log)
         assert handle.pid is not None and handle.pid > 1 and handle.pid_started_at
-
-        async def ended() -> ReleaseState | None:
-            state = await runtime.release_state(handle)
-            return None if state.running else state
-
-        assert (await eventually(ended, "the quick release to end")).exit_code == 7
+        assert (await release_end(runtime, handle, "the quick release to end")).exit_code == 7
         await runtime.remove_release(handle, 1.0)
 
 

@@ -14,9 +14,10 @@ leader is gone, a live member of group <pid> that carries the tag still proves t
 
 A release is started differently (`release_script`): the shell starts a small supervisor with
 `setsid`, detached, its output going to files in `run_dir(id)`, reports the supervisor's pid and
-start time (which the supervisor writes to `started` there once it leads its group), and exits. The supervisor writes the command's exit code next to its output, and
-`OutputFollower` copies the files into the log over SFTP, so a release needs neither the
-connection nor one of sshd's few session slots (MaxSessions) while it runs.
+start time (which the supervisor writes to `started` there once it leads its group), and exits.
+The supervisor writes the command's exit code next to its output, and `OutputFollower` copies
+the files into the log over SFTP, so a release needs neither the connection nor one of sshd's
+few session slots (MaxSessions) while it runs.
 
 Signals always go on a fresh channel as `kill -TERM -PGID` (sshd refuses signal requests for
 root logins, and the command's own channel dies with a dropped connection). Output streams into
